@@ -1,0 +1,276 @@
+"""Cross-attention maps of a learned context, captured with diffusers' attention processors.
+
+SPEC 1.2: the captured layers are the cross-attention (``attn2``) modules of the
+UNet's up blocks whose native grid is at most 32 x 32 (SD 1.5: up_blocks[1]
+at 16 x 16 and the first layer of up_blocks[2] at 32 x 32). Each one keeps its
+usual attention output and also records, per image, the token maps of an
+upsampled query grid: softmax over tokens, mean over heads. The UNet stops
+after the last captured layer, since nothing later reaches the maps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from skp_ray.diffusion import Diffusion, add_noise, encode_images, timestep_at
+from skp_ray.images import resize_batch
+
+# SPEC 1.2 captures the up-block layers whose native side (at the model's own
+# image size) is at most this; for SD 1.5 that is the 16 x 16 and 32 x 32 levels.
+MAX_CAPTURE_SIDE = 32
+
+
+def captured_layer_names(unet: torch.nn.Module) -> list[str]:
+    """Module names of the capturable cross-attention layers, in call order."""
+    sides = _up_block_sides(unet)
+    names = []
+    for block_index, block in enumerate(unet.up_blocks):
+        if sides[block_index] > MAX_CAPTURE_SIDE:
+            continue
+        for name, module in block.named_modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                names.append(f"up_blocks.{block_index}.{name}")
+    return names
+
+
+def _up_block_sides(unet: torch.nn.Module) -> list[int]:
+    """The latent grid side each up block works at, for the model's own sample size."""
+    downsamplings = sum(getattr(block, "downsamplers", None) is not None for block in unet.down_blocks)
+    side = unet.config.sample_size // 2**downsamplings
+    sides = []
+    for block in unet.up_blocks:
+        sides.append(side)
+        if getattr(block, "upsamplers", None) is not None:
+            side *= 2
+    return sides
+
+
+class MapCaptureProcessor:
+    """Runs a layer's usual attention processor and records the token maps of its queries.
+
+    The maps for the layer's input grid h x w, upsampled bicubically to
+    ``upsample_res``: per head softmax over tokens of q k^T / sqrt(d), then the
+    mean over heads, appended to ``sink`` as [B, T, res, res].
+
+    With ``upsample_logits`` (the default) the logits are computed at the native
+    grid and upsampled before the softmax. Bicubic upsampling, the bias-free
+    ``to_q`` and the product with the keys are all linear, so this equals
+    upsampling the features first, up to rounding, at a fraction of the work.
+    """
+
+    def __init__(
+        self,
+        processor,
+        sink: list[torch.Tensor],
+        *,
+        upsample_res: int,
+        upsample_logits: bool = True,
+        token_indices: torch.Tensor | None = None,
+    ):
+        self.processor = processor
+        self.sink = sink
+        self.upsample_res = upsample_res
+        self.upsample_logits = upsample_logits
+        self.token_indices = token_indices
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        output = self.processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        maps = token_maps(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            upsample_res=self.upsample_res,
+            upsample_logits=self.upsample_logits,
+        )
+        if self.token_indices is not None:
+            maps = maps[:, self.token_indices]
+        self.sink.append(maps)
+        return output
+
+
+def token_maps(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    upsample_res: int,
+    upsample_logits: bool = True,
+) -> torch.Tensor:
+    """Per-image token maps [B, T, res, res] of one cross-attention layer (at least float32)."""
+    batch, length, channels = hidden_states.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"cannot capture maps of a non-square grid of {length} positions")
+    heads = attn.heads
+    keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
+    grid = hidden_states.transpose(1, 2).reshape(batch, channels, side, side)
+
+    if upsample_logits and attn.norm_q is None:
+        queries = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, hw, heads, d]
+        logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
+        logits = logits.reshape(batch * heads, -1, side, side)
+        logits = _bicubic(logits, upsample_res).reshape(batch, heads, -1, upsample_res**2)
+    else:
+        features = _bicubic(grid, upsample_res).flatten(2).transpose(1, 2)  # [B, res*res, C]
+        queries = attn.to_q(features)
+        if attn.norm_q is not None:
+            queries = attn.norm_q(queries.unflatten(-1, (heads, -1))).flatten(-2)
+        queries = queries.unflatten(-1, (heads, -1))
+        logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
+
+    # Half-precision models still get a float32 softmax; float64 stays float64.
+    probabilities = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=2)  # over tokens
+    return probabilities.mean(dim=1).unflatten(-1, (upsample_res, upsample_res))
+
+
+def _bicubic(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+class _StopUNet(Exception):
+    """Raised after the last captured layer: the rest of the UNet cannot change the maps."""
+
+
+def _stop_unet(module, inputs, output):
+    raise _StopUNet
+
+
+@contextmanager
+def capture_maps(
+    unet: torch.nn.Module,
+    layer_names: Sequence[str],
+    *,
+    upsample_res: int,
+    upsample_logits: bool = True,
+    token_indices: torch.Tensor | None = None,
+    stop_early: bool = True,
+) -> Iterator[list[torch.Tensor]]:
+    """Install capture processors on ``layer_names`` for the duration; yields the list they fill.
+
+    Other layers keep their own (fast) processors. With ``stop_early`` the UNet
+    call raises after the last named layer; ``run_unet`` swallows that.
+    """
+    sink: list[torch.Tensor] = []
+    modules = [unet.get_submodule(name) for name in layer_names]
+    originals = [module.processor for module in modules]
+    for module, original in zip(modules, originals):
+        module.set_processor(
+            MapCaptureProcessor(
+                original,
+                sink,
+                upsample_res=upsample_res,
+                upsample_logits=upsample_logits,
+                token_indices=token_indices,
+            )
+        )
+    hook = modules[-1].register_forward_hook(_stop_unet) if stop_early else None
+    try:
+        yield sink
+    finally:
+        if hook is not None:
+            hook.remove()
+        for module, original in zip(modules, originals):
+            module.set_processor(original)
+
+
+def run_unet(unet: torch.nn.Module, latents, timestep, context) -> None:
+    """Call the UNet for its side effects on installed processors, allowing an early stop."""
+    try:
+        unet(latents, timestep, encoder_hidden_states=context)
+    except _StopUNet:
+        pass
+
+
+def attention_maps(
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    layers: Sequence[int] = (0, 1, 2, 3),
+    feature_upsample_res: int = 128,
+    noise_level: int = -1,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    token_indices: Sequence[int] | torch.Tensor | None = None,
+    upsample_logits: bool = True,
+    stop_early: bool = True,
+    image_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-attention maps [B, T, R, R] of ``context`` [T, D] for images [B, 3, H, W] in [0, 1].
+
+    Images are resized to ``image_size`` (the model's own, 512 for SD 1.5),
+    encoded without gradient and noised to ``noise_level`` with ``noise`` or a
+    fresh draw from ``generator``. The maps keep their gradient to the context.
+    Each pixel's map sums to 1 over all T tokens; ``token_indices`` then keeps
+    only those tokens (the softmax still runs over all of them).
+    """
+    layer_names = _selected_layers(diffusion.unet, layers)
+    _check_images(images)
+    _check_context(context, diffusion.context_dim)
+    if token_indices is not None:
+        token_indices = torch.as_tensor(token_indices, dtype=torch.long, device=diffusion.device)
+        if token_indices.numel() and not 0 <= int(token_indices.min()) <= int(token_indices.max()) < len(context):
+            raise ValueError(f"token_indices must lie in 0..{len(context) - 1} (the context has {len(context)} tokens).")
+
+    images = resize_batch(images, image_size or diffusion.image_size)
+    latents = encode_images(diffusion, images)
+    timestep = timestep_at(diffusion, noise_level)
+    noisy = add_noise(diffusion, latents, timestep, noise=noise, generator=generator)
+    batch_context = context.to(device=diffusion.device, dtype=diffusion.dtype).expand(len(images), -1, -1)
+
+    with capture_maps(
+        diffusion.unet,
+        layer_names,
+        upsample_res=feature_upsample_res,
+        upsample_logits=upsample_logits,
+        token_indices=token_indices,
+        stop_early=stop_early,
+    ) as per_layer:
+        run_unet(diffusion.unet, noisy, timestep, batch_context)
+    return torch.stack(per_layer).mean(dim=0)
+
+
+def _selected_layers(unet: torch.nn.Module, layers: Sequence[int]) -> list[str]:
+    names = captured_layer_names(unet)
+    if not layers:
+        raise ValueError("layers is empty: name at least one captured layer index.")
+    for index in layers:
+        if not 0 <= index < len(names):
+            raise ValueError(
+                f"layer index {index} does not exist: this model has {len(names)} captured cross-attention "
+                f"layers (indices 0..{len(names) - 1}: {', '.join(names)})."
+            )
+    return [names[index] for index in sorted(set(layers))]
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [B, 3, H, W]; got {shape}.")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1]; got {images.dtype} (divide uint8 by 255).")
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"images must lie in [0, 1]; got values in [{low:.3g}, {high:.3g}] "
+            "(map [-1, 1] inputs with (x + 1) / 2, uint8 with x / 255)."
+        )
+
+
+def _check_context(context: torch.Tensor, width: int) -> None:
+    if not isinstance(context, torch.Tensor) or context.ndim != 2:
+        shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"context must be a tensor [num_tokens, {width}]; got {shape}.")
+    if context.shape[1] != width:
+        raise ValueError(
+            f"context has width {context.shape[1]}, but the model's cross-attention width is {width}: "
+            f"the context must be [num_tokens, {width}]."
+        )

@@ -1,0 +1,333 @@
+"""Loading a Stable Diffusion model, the embedded tiny model, latents and noise.
+
+The model is read with diffusers' ``from_pretrained`` from a hub id or a local
+pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``scheduler/`` and,
+when present, ``text_encoder/`` and ``tokenizer/``). The hub token, where one
+is needed, comes only from the ``HF_TOKEN`` environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+# SPEC 1.1: DDIM with 50 inference steps gives timesteps 980, 960, ..., 20, 0.
+NUM_INFERENCE_STEPS = 50
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local pipeline folder nor reachable on the hub or in its cache."""
+
+
+@dataclass
+class Diffusion:
+    """A frozen Stable Diffusion model, the parts the keypoint methods use."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIMScheduler
+    model_id: str
+    revision: str | None = None
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, that the model was trained on (512 for SD 1.5)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+
+def load_diffusion(
+    model: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    text_encoder: bool = True,
+    local_files_only: bool | None = None,
+) -> Diffusion:
+    """Load a frozen Stable Diffusion model from a hub id or a local folder.
+
+    ``text_encoder=False`` skips the text encoder and tokenizer (Stable
+    Keypoints feeds its learned context straight to the UNet and needs
+    neither). ``local_files_only`` defaults to huggingface_hub's offline
+    setting (``HF_HUB_OFFLINE``).
+    """
+    source = _model_source(model)
+    if local_files_only is None:
+        from huggingface_hub import constants
+
+        local_files_only = bool(constants.HF_HUB_OFFLINE)
+    hub = dict(
+        revision=revision,
+        local_files_only=local_files_only,
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+    try:
+        index = DiffusionPipeline.load_config(source, **hub)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **hub)
+        encoder, tokenizer = None, None
+        if text_encoder and index.get("text_encoder", [None])[0] and index.get("tokenizer", [None])[0]:
+            encoder, tokenizer = _load_text_encoder(source, index, dtype, hub)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
+
+    parts = [unet, vae] + ([encoder] if encoder is not None else [])
+    for part in parts:
+        part.to(device).eval().requires_grad_(False)
+    return Diffusion(
+        unet=unet,
+        vae=vae,
+        scheduler=_spec_scheduler(scheduler_config),
+        model_id=str(model),
+        revision=revision,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+    )
+
+
+def _model_source(model: str | os.PathLike) -> str:
+    """A local folder as an absolute path, otherwise the hub id unchanged."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFoundError(
+            f"Model folder {text!r} does not exist. Pass a folder that holds a diffusers pipeline "
+            "(model_index.json, unet/, vae/, scheduler/) or a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+        )
+    return text
+
+
+def _load_text_encoder(source: str, index: dict, dtype: torch.dtype, hub: dict):
+    import transformers
+
+    encoder_class = getattr(transformers, index["text_encoder"][1])
+    tokenizer_class = getattr(transformers, index["tokenizer"][1])
+    encoder = encoder_class.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **hub)
+    tokenizer = tokenizer_class.from_pretrained(source, subfolder="tokenizer", **hub)
+    return encoder, tokenizer
+
+
+def _not_found_message(model: str, local_files_only: bool, error: Exception) -> str:
+    from huggingface_hub import constants
+
+    where = f"the Hugging Face hub cache at {constants.HF_HUB_CACHE}"
+    if not local_files_only:
+        where = f"the Hugging Face hub and {where}"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"Could not load diffusion model {model!r}: it is not a local folder, and it was not found in {where}"
+        f"{' (offline mode is on: HF_HUB_OFFLINE is set)' if local_files_only else ''}.\n"
+        "To fix: pass a local folder that holds a diffusers pipeline (model_index.json, unet/, vae/, "
+        "scheduler/); or point HF_HOME at the cache that holds the model; or allow downloads "
+        "(unset HF_HUB_OFFLINE, and set HF_TOKEN in the environment for a gated model).\n"
+        f"Cause: {reason}"
+    )
+
+
+def _spec_scheduler(config: dict) -> DDIMScheduler:
+    """DDIM on the model's betas, with SPEC 1.1's timesteps 980, 960, ..., 0.
+
+    SD 1.5 ships a PNDM config with ``steps_offset=1`` (timesteps 981, ..., 1);
+    the published method builds DDIM with no offset, so the offset is reset.
+    """
+    scheduler = DDIMScheduler.from_config(
+        config,
+        steps_offset=0,
+        timestep_spacing="leading",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    scheduler.set_timesteps(NUM_INFERENCE_STEPS)
+    return scheduler
+
+
+def encode_images(diffusion: Diffusion, images: torch.Tensor) -> torch.Tensor:
+    """Latents of images [B, 3, S, S] in [0, 1]: the VAE posterior mean x scaling factor, no gradient."""
+    vae = diffusion.vae
+    with torch.no_grad():
+        pixels = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
+        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+
+
+def timestep_at(diffusion: Diffusion, noise_level: int) -> torch.Tensor:
+    """The DDIM timestep that ``noise_level`` indexes (-1, the default, is t = 0)."""
+    timesteps = diffusion.timesteps
+    if not -len(timesteps) <= noise_level < len(timesteps):
+        raise ValueError(
+            f"noise_level {noise_level} is out of range: it indexes the {len(timesteps)} DDIM timesteps "
+            f"({int(timesteps[0])}, ..., {int(timesteps[-1])}); use -{len(timesteps)}..{len(timesteps) - 1}."
+        )
+    return timesteps[noise_level]
+
+
+def add_noise(
+    diffusion: Diffusion,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Noise latents to ``timestep``: a fresh standard Gaussian unless ``noise`` is given.
+
+    The draw happens on the generator's device, so a CPU generator gives the
+    same noise whichever device the model is on.
+    """
+    if noise is None:
+        draw_device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=draw_device, dtype=torch.float32)
+    elif noise.shape != latents.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; it must match the latents {tuple(latents.shape)}.")
+    noise = noise.to(device=latents.device, dtype=latents.dtype)
+    return diffusion.scheduler.add_noise(latents, noise, timestep.reshape(1).to(latents.device))
+
+
+# --- the embedded tiny model --------------------------------------------------------------
+
+# SD 1.5's topology at toy width: 4 UNet levels, cross-attention in down blocks 0-2, the mid
+# block and up blocks 1-3, two layers per down block (three per up block); the VAE has four
+# levels (8x downsampling) and the UNet's native latent side is 64, so images are 512 px.
+TINY_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=2,
+    attention_head_dim=2,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+# SD 1.5's scheduler config, offset and all, so the loader's DDIM conversion is exercised.
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def make_tiny_diffusion(path: str | os.PathLike, *, seed: int = 0) -> str:
+    """Write a randomly initialised SD-1.5-shaped pipeline folder and return its path.
+
+    Its keypoints carry no meaning (the weights are random); it exists so the
+    whole system runs offline, in seconds, through the same loading path as
+    real weights. The same seed writes the same weights.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    vocab, _ = _tiny_vocabulary()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+                hidden_size=TINY_UNET["cross_attention_dim"],
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+            )
+        )
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    encoder.save_pretrained(path / "text_encoder")
+    DDIMScheduler(**SD15_SCHEDULER).save_pretrained(path / "scheduler")
+    _write_tiny_tokenizer(path / "tokenizer")
+    _write_model_index(path)
+    return str(path)
+
+
+def _tiny_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary of printable ASCII plus a few merges, as CLIP's files hold it."""
+    symbols = [chr(code) for code in range(33, 127)]
+    merges = ["o f</w>", "p h", "o t", "ph ot", "phot o</w>"]
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def _write_tiny_tokenizer(folder: Path) -> None:
+    vocab, merges = _tiny_vocabulary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _write_model_index(path: Path) -> None:
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def default_tiny_model() -> str:
+    """The embedded default model folder, built on first use under the user's cache."""
+    root = Path(os.environ.get("SKP_RAY_CACHE", Path.home() / ".cache" / "skp_ray"))
+    folder = root / "tiny-sd15-v1"
+    if not (folder / "model_index.json").exists():
+        make_tiny_diffusion(folder)
+    return str(folder)

@@ -1,0 +1,310 @@
+"""Reading images from any fsspec filesystem, with clear per-image errors.
+
+Every decoded image is a numpy uint8 array [H, W, 3] (RGB, row-major, EXIF
+orientation applied); ``to_tensor`` turns it into float32 [3, H, W] in [0, 1].
+URIs are local paths or fsspec URLs (``file://``, ``s3://``, ``gs://``,
+``memory://`` ...).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import warnings
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "decode_image",
+    "read_image",
+    "to_tensor",
+    "resize_batch",
+    "list_images",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+MANIFEST_EXTENSIONS: frozenset[str] = frozenset({".txt", ".csv", ".parquet"})
+DEFAULT_MAX_PIXELS = 100_000_000
+
+_ADVICE = {
+    "not_found": "check the path or URL (and credentials for remote storage)",
+    "empty": "the file has 0 bytes; re-upload or remove it",
+    "truncated": "the file is cut short or corrupt; re-download or remove it",
+    "not_an_image": "the bytes are not an image format Pillow can read; remove it or fix its contents",
+    "too_large": "raise max_pixels if the image is trusted, or downscale it first",
+    "unsupported_mode": "convert the image to RGB with another tool first",
+}
+
+# Leading bytes of formats we read; used to tell a truncated header from a non-image.
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    if data.startswith(_MAGIC):
+        return True
+    if data.startswith(b"BM"):  # BMP: reserved header bytes 6..10 are zero
+        return len(data) < 10 or data[6:10] == b"\x00" * 4
+    if data.startswith(b"RIFF"):  # WebP, not WAV/AVI
+        return len(data) < 12 or data[8:12] == b"WEBP"
+    return False
+
+
+class ImageReadError(ValueError):
+    """An image could not be read.
+
+    Attributes: ``uri`` (where it came from) and ``cause``, one of "not_found",
+    "empty", "truncated", "not_an_image", "too_large", "unsupported_mode".
+    """
+
+    def __init__(self, uri: str, cause: str, detail: str = "") -> None:
+        self.uri = uri
+        self.cause = cause
+        self.detail = detail
+        text = f"cannot read image {uri!r} ({cause})"
+        if detail:
+            text += f": {detail}"
+        advice = _ADVICE.get(cause)
+        if advice:
+            text += f"; {advice}"
+        super().__init__(text)
+
+    def __reduce__(self):  # keeps the attributes when pickled across processes (Ray workers)
+        return (type(self), (self.uri, self.cause, self.detail))
+
+
+def decode_image(data: bytes, *, uri: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to uint8 [H, W, 3] RGB.
+
+    The image is fully loaded (a truncated file fails here, not later), EXIF
+    orientation is applied, and every mode is converted to RGB: transparency is
+    composited onto white; 16-bit / 32-bit integer gray ("I;16*", "I") is
+    scaled from 0..65535 to 0..255; float gray ("F") is taken as 0..1 when it
+    lies in [0, 1], as 0..255 when it lies there, else min-max scaled.
+    Images with more than ``max_pixels`` pixels are refused before decoding.
+    Raises ImageReadError (with ``cause``) on any failure.
+    """
+    if not data:
+        raise ImageReadError(uri, "empty")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rgb = _decode(data, uri, max_pixels)
+    # Pillow's warnings (e.g. corrupt EXIF) come back naming the image; on failure the error says enough
+    for w in caught:
+        if not issubclass(w.category, Image.DecompressionBombWarning):  # max_pixels is enforced instead
+            warnings.warn(f"{uri}: {w.message}", w.category, stacklevel=2)
+    return rgb
+
+
+def _decode(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        detail = f"{e} (Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS, applies too)"
+        raise ImageReadError(uri, "too_large", detail) from e
+    except UnidentifiedImageError as e:
+        if _looks_like_image(data):
+            raise ImageReadError(uri, "truncated", "the header is incomplete") from e
+        raise ImageReadError(uri, "not_an_image", f"{len(data)} bytes starting {data[:8]!r}") from e
+    except Exception as e:  # Pillow raises assorted errors for damaged headers
+        raise ImageReadError(uri, "truncated", f"{type(e).__name__}: {e}") from e
+
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageReadError(uri, "too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+        try:
+            im.load()
+        except Exception as e:  # OSError("image file is truncated"), SyntaxError, zlib/struct errors ...
+            raise ImageReadError(uri, "truncated", f"{type(e).__name__}: {e}") from e
+        return _to_rgb_array(_exif_transpose(im), uri)
+
+
+def read_image(uri: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode one image from a local path or fsspec URL to uint8 [H, W, 3] RGB."""
+    uri = os.fspath(uri)
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise ImageReadError(uri, "not_found") from e
+    except IsADirectoryError as e:
+        raise ImageReadError(uri, "not_found", "it is a directory, not a file") from e
+    return decode_image(data, uri=uri, max_pixels=max_pixels)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 tensor [3, H, W] in [0, 1]."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 array [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    array = np.ascontiguousarray(image)
+    if not array.flags.writeable:
+        array = array.copy()  # torch.from_numpy warns on read-only memory
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float [B, 3, H, W] to [B, 3, size, size] (bilinear, antialiased, aspect not kept).
+
+    Pixel centres map to pixel centres (align_corners=False), so normalised
+    (y, x) keypoints are unchanged by the resize. Returns the input itself when
+    it already has that size.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def list_images(location: str | os.PathLike) -> list[str]:
+    """URIs of the images at ``location``.
+
+    ``location`` is one of:
+    - a folder (local or fsspec URL prefix): every file with an image extension
+      (png, jpg, jpeg, bmp, gif, tif, tiff, webp; any case) below it,
+      recursively, sorted; hidden files (name starting with ".", e.g. macOS
+      "._x.png" resource forks) are skipped;
+    - a glob pattern (contains ``*``, ``?`` or ``[``): matching image files, sorted;
+    - a manifest: ``.txt`` (one URI per line; blank lines and ``#`` comments
+      skipped) or ``.csv`` / ``.parquet`` with a ``uri`` column; entries are
+      returned in manifest order, relative ones resolved against the
+      manifest's folder;
+    - a single image file: returned as a one-element list.
+    Remote URIs keep their protocol. Raises ValueError when the location does
+    not exist or yields no images.
+    """
+    location = os.fspath(location)
+    fs, path = fsspec.core.url_to_fs(location)
+    local = _is_local(fs)
+    extension = posixpath.splitext(path)[1].lower()
+
+    if any(ch in path for ch in "*?["):
+        found = sorted(p for p in fs.glob(path) if _is_image_name(p) and fs.isfile(p))
+        uris = [_uri(fs, p, local) for p in found]
+    elif extension in MANIFEST_EXTENSIONS and fs.isfile(path):
+        uris = _read_manifest(fs, path, local, location)
+    elif fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if _is_image_name(p))
+        uris = [_uri(fs, p, local) for p in found]
+    elif fs.isfile(path) and _is_image_name(path):
+        uris = [location]
+    elif fs.exists(path):
+        raise ValueError(
+            f"{location!r} is neither a folder, an image ({_extensions()}) nor a manifest (.txt, .csv, .parquet)"
+        )
+    else:
+        raise ValueError(
+            f"{location!r} does not exist; expected a folder of images, a glob pattern, "
+            "or a manifest file (.txt, .csv, .parquet)"
+        )
+    if not uris:
+        raise ValueError(f"no images found at {location!r}; expected files ending in {_extensions()} or manifest entries")
+    return uris
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF should not lose an otherwise good image
+        return im
+
+
+def _to_rgb_array(im: Image.Image, uri: str) -> np.ndarray:
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        return _gray_to_rgb(_scale_gray(np.asarray(im), mode))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    try:
+        if has_alpha:
+            return _composite_on_white(np.asarray(im.convert("RGBA")))
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as e:
+        raise ImageReadError(uri, "unsupported_mode", f"mode {mode!r}: {e}") from e
+
+
+def _scale_gray(values: np.ndarray, mode: str) -> np.ndarray:
+    """Integer gray 0..65535 or float gray -> uint8 [H, W]."""
+    v = values.astype(np.float64)
+    if mode == "F":
+        v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= 1.0:
+            v = v * 255.0
+        elif lo < 0.0 or hi > 255.0:
+            v = (v - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(v)
+    else:
+        v = v * (255.0 / 65535.0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    rgb = rgba[..., :3].astype(np.float32)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    out = rgb * alpha + 255.0 * (1.0 - alpha)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _is_image_name(path: str) -> bool:
+    name = posixpath.basename(path)
+    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str, local: bool) -> str:
+    return path if local else fs.unstrip_protocol(path)
+
+
+def _extensions() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, local: bool, location: str) -> list[str]:
+    extension = posixpath.splitext(path)[1].lower()
+    if extension == ".txt":
+        with fs.open(path, "r", encoding="utf-8") as f:
+            entries = [line.strip() for line in f]
+        entries = [e for e in entries if e and not e.startswith("#")]
+    else:
+        table = _read_table(fs, path, extension)
+        if "uri" not in table.column_names:
+            raise ValueError(f"manifest {location!r} has no 'uri' column (columns: {table.column_names})")
+        entries = [str(e).strip() for e in table.column("uri").to_pylist() if e is not None and str(e).strip()]
+    folder = posixpath.dirname(path)
+    return [_resolve(fs, folder, e, local) for e in entries]
+
+
+def _read_table(fs: fsspec.AbstractFileSystem, path: str, extension: str):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        if extension == ".csv":
+            # uri stays a string column even if every entry looks like a number
+            options = pacsv.ConvertOptions(column_types={"uri": "string"})
+            return pacsv.read_csv(f, convert_options=options)
+        return pq.read_table(f)
+
+
+def _resolve(fs: fsspec.AbstractFileSystem, folder: str, entry: str, local: bool) -> str:
+    """A manifest entry as a URI: URLs as they are, relative paths against the manifest's folder."""
+    if "://" in entry:
+        return entry
+    if local:
+        return os.path.normpath(os.path.join(folder, os.path.expanduser(entry)))
+    joined = entry if entry.startswith("/") else posixpath.normpath(posixpath.join(folder, entry))
+    return fs.unstrip_protocol(joined)
