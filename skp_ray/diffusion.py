@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,42 +77,55 @@ def load_diffusion(
 
     ``text_encoder=False`` skips the text encoder and tokenizer (Stable
     Keypoints feeds its learned context straight to the UNet and needs
-    neither). ``local_files_only`` defaults to huggingface_hub's offline
-    setting (``HF_HUB_OFFLINE``).
+    neither). A hub id is read from the Hugging Face cache when it is there;
+    otherwise, unless ``local_files_only`` (default: ``HF_HUB_OFFLINE``), the
+    hub is asked once whether the model can be fetched before downloading it,
+    so a model that cannot be had fails at once with one clear error.
     """
     source = _model_source(model)
     if local_files_only is None:
         from huggingface_hub import constants
 
         local_files_only = bool(constants.HF_HUB_OFFLINE)
-    hub = dict(
-        revision=revision,
-        local_files_only=local_files_only,
-        token=os.environ.get("HF_TOKEN") or None,
-    )
+    hub = dict(revision=revision, token=os.environ.get("HF_TOKEN") or None)
     try:
-        index = DiffusionPipeline.load_config(source, **hub)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub)
-        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **hub)
-        encoder, tokenizer = None, None
-        if text_encoder and index.get("text_encoder", [None])[0] and index.get("tokenizer", [None])[0]:
-            encoder, tokenizer = _load_text_encoder(source, index, dtype, hub)
+        parts = _load_parts(source, dtype, text_encoder, hub, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
+        if Path(source).is_dir() or local_files_only:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
+        problem = _hub_problem(source, hub)
+        if problem is not None:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, problem)) from None
+        parts = _load_parts(source, dtype, text_encoder, hub, local_files_only=False)
 
-    parts = [unet, vae] + ([encoder] if encoder is not None else [])
-    for part in parts:
-        part.to(device).eval().requires_grad_(False)
-    return Diffusion(
-        unet=unet,
-        vae=vae,
-        scheduler=_spec_scheduler(scheduler_config),
-        model_id=str(model),
-        revision=revision,
-        text_encoder=encoder,
-        tokenizer=tokenizer,
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(device).eval().requires_grad_(False)
+    return Diffusion(model_id=str(model), revision=revision, **parts)
+
+
+def _load_parts(source: str, dtype: torch.dtype, text_encoder: bool, hub: dict, *, local_files_only: bool) -> dict:
+    hub = dict(hub, local_files_only=local_files_only)
+    index = DiffusionPipeline.load_config(source, **hub)
+    parts = dict(
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **hub),
+        scheduler=spec_scheduler(DDIMScheduler.load_config(source, subfolder="scheduler", **hub)),
     )
+    if text_encoder and index.get("text_encoder", [None])[0] and index.get("tokenizer", [None])[0]:
+        parts["text_encoder"], parts["tokenizer"] = _load_text_encoder(source, index, dtype, hub)
+    return parts
+
+
+def _hub_problem(repo_id: str, hub: dict) -> Exception | None:
+    """One quick request to the hub: None if the model can be fetched, else what went wrong."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(token=hub["token"]).model_info(repo_id, revision=hub["revision"], timeout=20)
+    except Exception as error:  # network, 401/403 (gated), 404: all end the load the same way
+        return error
+    return None
 
 
 def _model_source(model: str | os.PathLike) -> str:
@@ -142,13 +157,21 @@ def _load_text_encoder(source: str, index: dict, dtype: torch.dtype, hub: dict):
 def _not_found_message(model: str, local_files_only: bool, error: Exception) -> str:
     from huggingface_hub import constants
 
-    where = f"the Hugging Face hub cache at {constants.HF_HUB_CACHE}"
-    if not local_files_only:
-        where = f"the Hugging Face hub and {where}"
+    # Only the first line of the cause: hub errors can carry request details.
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(model).expanduser().is_dir():
+        return (
+            f"Could not load the diffusers pipeline in folder {model!r}: it must hold model_index.json, unet/, "
+            f"vae/ and scheduler/ (as save_pretrained or make_tiny_diffusion write them).\nCause: {reason}"
+        )
+    hub = (
+        "offline mode is on (HF_HUB_OFFLINE), so the hub was not asked"
+        if local_files_only
+        else "it could not be fetched from the Hugging Face hub"
+    )
     return (
-        f"Could not load diffusion model {model!r}: it is not a local folder, and it was not found in {where}"
-        f"{' (offline mode is on: HF_HUB_OFFLINE is set)' if local_files_only else ''}.\n"
+        f"Could not load diffusion model {model!r}: it is not a local folder, it is not in the Hugging Face "
+        f"cache at {constants.HF_HUB_CACHE}, and {hub}.\n"
         "To fix: pass a local folder that holds a diffusers pipeline (model_index.json, unet/, vae/, "
         "scheduler/); or point HF_HOME at the cache that holds the model; or allow downloads "
         "(unset HF_HUB_OFFLINE, and set HF_TOKEN in the environment for a gated model).\n"
@@ -156,7 +179,7 @@ def _not_found_message(model: str, local_files_only: bool, error: Exception) -> 
     )
 
 
-def _spec_scheduler(config: dict) -> DDIMScheduler:
+def spec_scheduler(config: dict) -> DDIMScheduler:
     """DDIM on the model's betas, with SPEC 1.1's timesteps 980, 960, ..., 0.
 
     SD 1.5 ships a PNDM config with ``steps_offset=1`` (timesteps 981, ..., 1);
@@ -242,6 +265,20 @@ TINY_VAE = dict(
     layers_per_block=1,
     norm_num_groups=8,
 )
+# The real SD 1.5 UNet's shape (stable-diffusion-v1-5/unet/config.json), for tests and
+# benchmarks that need the full-size network with random weights (~860 M parameters).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
 # SD 1.5's scheduler config, offset and all, so the loader's DDIM conversion is exercised.
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
@@ -325,9 +362,19 @@ def _write_model_index(path: Path) -> None:
 
 
 def default_tiny_model() -> str:
-    """The embedded default model folder, built on first use under the user's cache."""
+    """The embedded default model folder, built on first use under the user's cache.
+
+    Built in a staging folder and renamed into place, so processes that start
+    together (Ray workers, say) never read a half-written model.
+    """
     root = Path(os.environ.get("SKP_RAY_CACHE", Path.home() / ".cache" / "skp_ray"))
     folder = root / "tiny-sd15-v1"
     if not (folder / "model_index.json").exists():
-        make_tiny_diffusion(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-sd15-"))
+        make_tiny_diffusion(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
     return str(folder)

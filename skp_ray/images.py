@@ -118,7 +118,8 @@ def _decode(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
     with im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageReadError(uri, "too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+            detail = f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}"
+            raise ImageReadError(uri, "too_large", detail)
         try:
             im.load()
         except Exception as e:  # OSError("image file is truncated"), SyntaxError, zlib/struct errors ...
@@ -205,7 +206,9 @@ def list_images(location: str | os.PathLike) -> list[str]:
             "or a manifest file (.txt, .csv, .parquet)"
         )
     if not uris:
-        raise ValueError(f"no images found at {location!r}; expected files ending in {_extensions()} or manifest entries")
+        raise ValueError(
+            f"no images found at {location!r}; expected files ending in {_extensions()} or manifest entries"
+        )
     return uris
 
 

