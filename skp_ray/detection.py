@@ -106,7 +106,7 @@ def detect_keypoints(
     with torch.no_grad():
         for image, image_thetas in zip(images, thetas):
             averaged = _augmented_maps(diffusion, image, context, indices, image_thetas, size, generator, map_options)
-            image_keypoints, image_peaks = _locate(averaged, weighted_avg)
+            image_keypoints, image_peaks = _locate(averaged.cpu(), weighted_avg)
             keypoints.append(image_keypoints)
             peaks.append(image_peaks)
     return torch.stack(keypoints), torch.stack(peaks)
@@ -117,10 +117,10 @@ def _augmented_maps(diffusion, image, context, indices, thetas, size, generator,
     thetas = thetas.to(device=image.device, dtype=image.dtype)
     copies = warp(image.expand(len(thetas), -1, -1, -1), thetas).clamp(0, 1)
     maps = attention_maps(diffusion, copies, context, token_indices=indices, generator=generator, image_size=size, **map_options)
-    maps = F.interpolate(maps.float().cpu(), size=(size, size), mode="bilinear", align_corners=False)
-    thetas = thetas.float().cpu()
+    maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+    thetas = thetas.to(maps)
     total = unwarp(maps, thetas).sum(dim=0)
-    coverage = unwarp(torch.ones(len(thetas), 1, size, size), thetas).sum(dim=0)
+    coverage = unwarp(torch.ones_like(maps[:, :1]), thetas).sum(dim=0)
     return torch.where(coverage > 0, total / coverage.clamp_min(1e-12), torch.zeros_like(total))
 
 
