@@ -1,11 +1,11 @@
 # Two entry points, each setting up .venv on first use:
-#   make demo   run the main job on the embedded default (tiny model, sample images)
-#   make test   run the test suite (what CI runs)
+#   make discover   run the main job on the embedded default (local Ray, tiny model, sample images)
+#   make test       run the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test
+.PHONY: discover test
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) jobs/demo.py
+discover: $(VENV)/.installed
+	$(PY) jobs/discover.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

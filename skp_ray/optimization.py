@@ -28,6 +28,7 @@ def training_loss(
     context: torch.Tensor,
     *,
     thetas: torch.Tensor | None = None,
+    noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     degrees: float = 15.0,
     scale: tuple[float, float] = (0.8, 1.0),
@@ -44,15 +45,19 @@ def training_loss(
 
     Draws one affine transform per image (unless ``thetas`` [B, 2, 3] is
     given), then the maps of the images and of their transformed copies, each
-    UNet call with fresh noise from ``generator``.
+    UNet call with fresh noise from ``generator`` (unless ``noise``, the latent
+    noise for the images and for their copies, is given).
     """
     size = map_options.get("image_size") or diffusion.image_size
     images = resize_batch(images, size)
     if thetas is None:
         thetas = random_affine(len(images), degrees=degrees, scale=scale, translate=translate, generator=generator)
     transformed = warp(images, thetas.to(images)).clamp(0, 1)
-    maps = attention_maps(diffusion, images, context, generator=generator, **map_options)
-    maps_transformed = attention_maps(diffusion, transformed, context, generator=generator, **map_options)
+    noise_images, noise_transformed = noise if noise is not None else (None, None)
+    maps = attention_maps(diffusion, images, context, noise=noise_images, generator=generator, **map_options)
+    maps_transformed = attention_maps(
+        diffusion, transformed, context, noise=noise_transformed, generator=generator, **map_options
+    )
     return batch_keypoint_loss(
         maps,
         maps_transformed,

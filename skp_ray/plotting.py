@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["keypoint_colours", "draw_keypoints", "image_grid", "heatmap_overlay", "line_plot"]
+__all__ = ["keypoint_colours", "draw_keypoints", "image_grid", "heatmap_overlay", "keypoint_sheet", "line_plot"]
 
 # Kelly's colours of maximum contrast (without white, black and the near-greys), in order.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -150,6 +150,18 @@ def image_grid(
         r, c = divmod(i, cols)
         canvas.paste(picture.convert("RGB"), (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
     return canvas
+
+
+def keypoint_sheet(images: torch.Tensor, keypoints: torch.Tensor, maps: torch.Tensor) -> Image.Image:
+    """Top row: each image [B, 3, H, W] with its numbered keypoints [B, K, 2].
+
+    Bottom row: the first image under each keypoint token's map [K, h, w],
+    with its keypoints drawn again so a map can be matched to its number.
+    """
+    marked = [draw_keypoints(image, points) for image, points in zip(images, keypoints)]
+    overlays = [draw_keypoints(heatmap_overlay(images[0], token_map), keypoints[0]) for token_map in maps]
+    columns = max(len(marked), len(overlays), 1)
+    return image_grid([image_grid(marked, columns=columns), image_grid(overlays, columns=columns)], columns=1)
 
 
 def heatmap_overlay(

@@ -23,3 +23,14 @@ def tiny(tiny_model_path):
 @pytest.fixture(scope="session")
 def tiny64(tiny_model_path):
     return load_diffusion(tiny_model_path, dtype=torch.float64, device="cpu", text_encoder=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, with more logical CPUs than the 2 cores so that
+    Ray Train workers (0.5 CPU each in the tests) never wait on each other."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()

@@ -83,7 +83,7 @@ def test_batched_images_do_not_mix(tiny):
     images, context, noise = _inputs(batch=3)
     together = attention_maps(tiny, images, context, noise=noise, image_size=256)
     alone = attention_maps(tiny, images[1:2], context, noise=noise[1:2], image_size=256)
-    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=2e-5)
 
 
 def test_early_exit_equals_full_unet_in_maps_and_context_gradient(tiny):

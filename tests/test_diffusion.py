@@ -1,14 +1,20 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from skp_ray.diffusion import (
+    TINY_MODEL,
     ModelNotFoundError,
     add_noise,
+    default_tiny_model,
     encode_images,
     load_diffusion,
     make_tiny_diffusion,
+    model_location,
     timestep_at,
 )
 
@@ -124,3 +130,14 @@ def test_unreachable_hub_fails_at_once_without_retries(monkeypatch):
         load_diffusion("some-org/some-model", local_files_only=False)
     assert asked == ["some-org/some-model"]
     assert "Name or service not known" in str(error.value)
+
+
+def test_default_tiny_model_is_built_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKP_RAY_CACHE", str(tmp_path))
+    folder = default_tiny_model()
+    stamp = os.stat(Path(folder) / "unet" / "config.json").st_mtime_ns
+    assert default_tiny_model() == folder
+    assert os.stat(Path(folder) / "unet" / "config.json").st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd15-v2"]  # no staging folders left
+    assert model_location(None) == model_location(TINY_MODEL) == folder
+    assert model_location("some/hub-id") == "some/hub-id"

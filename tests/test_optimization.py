@@ -29,7 +29,7 @@ def test_adam_on_the_objective_lowers_it_for_a_fixed_batch(tiny):
     images, _ = render_samples(2, size=128, seed=0)
     thetas = random_affine(2, generator=torch.Generator().manual_seed(0))
     context = torch.randn(8, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    optimizer = torch.optim.Adam([context], lr=5e-3)  # SPEC's rate: small steps, steady descent
+    optimizer = torch.optim.Adam([context], lr=1e-3)  # small steps: each one descends (FPS picks are piecewise constant)
     totals = []
     for _ in range(6):
         optimizer.zero_grad()

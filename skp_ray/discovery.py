@@ -1,0 +1,583 @@
+"""Keypoint discovery on Ray Train: the context optimised data-parallel, then the keypoint tokens voted.
+
+One ``TorchTrainer`` worker per GPU (or CPU slot). Each worker loads the
+frozen model once and reads its own shard of the images (image ``i`` goes to
+worker ``i % num_workers``). Every optimiser step, each worker takes
+``batch_size / num_workers`` images of its shard, computes the SPEC 1.3 loss,
+and the context gradient is averaged over workers (one all-reduce) before an
+Adam step that every worker applies identically, so the contexts never
+diverge. The model is never wrapped in DDP: only the context learns.
+
+Randomness is keyed, not streamed: an image's affine transform and latent
+noise come from (seed, step, image index), and each worker's image order from
+(seed, worker). So an image meets the same draws whichever worker holds it,
+and a run resumed from a checkpoint (context, Adam state, step) continues
+exactly as if it had never stopped; the seed is the whole RNG state.
+
+After optimisation, token selection (SPEC 1.4) runs on the first
+``num_indices`` images: each worker counts the picks of its share and the
+counts are summed. Rank 0 reports the result in the final checkpoint and the
+driver writes the keypoint artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
+from skp_ray.attention import attention_maps
+from skp_ray.detection import count_token_picks, detect_keypoints
+from skp_ray.diffusion import TINY_MODEL, Diffusion, load_diffusion, model_location
+from skp_ray.geometry import random_affine
+from skp_ray.images import ImageReadError, list_images, read_image, resize_batch, to_tensor
+from skp_ray.optimization import _image_order, init_context, training_loss
+from skp_ray.plotting import keypoint_sheet, line_plot
+from skp_ray.samples import write_sample_images
+from skp_ray.selection import top_voted_tokens
+
+logger = logging.getLogger(__name__)  # on workers: Ray Train forwards its records to the driver
+
+# Files of a training checkpoint, and the run settings kept beside Ray's run folder.
+CHECKPOINT_CONTEXT_FILE = "context.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+PREVIEW_FILE = "keypoints.png"
+LOSS_CURVE_FILE = "loss.png"
+RUN_SETTINGS_FILE = "run-settings.json"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Settings that change the optimisation's arithmetic: a resumed run must match its checkpoint in these.
+RESUME_KEYS = (
+    "num_tokens", "lr", "batch_size", "top_k", "furthest_point_num_samples", "sigma", "layers", "noise_level",
+    "feature_upsample_res", "augment_degrees", "augment_scale", "augment_translate", "sharpening_loss_weight",
+    "equivariance_attn_loss_weight", "num_subjects", "model", "revision", "data", "num_workers", "dtype", "seed",
+    "image_size",
+)  # fmt: skip
+
+
+@dataclass
+class DiscoveryConfig:
+    # The published method's settings (SPEC 1.3, 1.4), under its names and defaults.
+    num_steps: int = 500
+    num_tokens: int = 500
+    lr: float = 5e-3
+    batch_size: int = 4
+    top_k: int = 10
+    furthest_point_num_samples: int = 25
+    sigma: float = 2.0
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    noise_level: int = -1
+    feature_upsample_res: int = 128
+    augment_degrees: float = 15.0
+    augment_scale: tuple[float, float] = (0.8, 1.0)
+    augment_translate: tuple[float, float] = (0.25, 0.25)
+    sharpening_loss_weight: float = 100.0
+    equivariance_attn_loss_weight: float = 1000.0
+    num_indices: int = 100
+    num_subjects: int = 1
+    # Where and how it runs.
+    model: str | None = None  # hub id or folder; None: the embedded tiny model
+    revision: str | None = None
+    data: str | None = None  # folder, s3:// or gs:// prefix, or manifest; None: rendered sample images
+    output: str = "outputs"  # local folder or object-storage URI; the artifact goes to <output>/<name>
+    name: str | None = None  # a rerun with the same name resumes; None: discover-<time>
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    dtype: str = "float32"
+    seed: int = 0
+    image_size: int | None = None  # None: the model's own (512 for SD 1.5)
+    checkpoint_every: int = 50
+    max_failures: int = 3
+    log_every: int = 10
+    preview_images: int = 4  # images drawn with their keypoints in keypoints.png
+    augmentation_iterations: int = 10  # test-time augmentations for those keypoints (SPEC 1.5)
+
+
+# With no --model the job runs the embedded default: a small run that finishes in about a minute on a laptop.
+EMBEDDED_DEFAULT = dict(
+    num_steps=10, num_tokens=32, top_k=6, furthest_point_num_samples=12, num_indices=8, checkpoint_every=5,
+    log_every=1, augmentation_iterations=4, image_size=256, feature_upsample_res=64,
+)  # fmt: skip
+
+
+def discovery_config(settings: dict) -> DiscoveryConfig:
+    """A config from given settings; with no model the embedded default fills what is not given."""
+    if settings.get("model") in (None, TINY_MODEL):
+        settings = {**EMBEDDED_DEFAULT, **settings}
+    return DiscoveryConfig(**settings)
+
+
+@dataclass
+class DiscoveryResult:
+    artifact: KeypointArtifact
+    folder: str  # the artifact folder
+    picture: str | None  # keypoints.png in it (None with preview_images=0)
+    loss_curve: str  # loss.png in it
+    resumed_from_step: int  # 0 when the run started fresh
+
+
+def run_discovery(
+    config: DiscoveryConfig, *, on_step: Callable[[int, int, dict], None] | None = None
+) -> DiscoveryResult:
+    """Discover keypoint tokens with Ray Train and write the artifact to ``<output>/<name>``.
+
+    ``on_step(rank, step, record)`` runs on every worker after every step.
+    Joins the Ray cluster that ``RAY_ADDRESS`` names, or starts a local one.
+    """
+    _check_config(config)
+    name = config.name or time.strftime("discover-%Y%m%d-%H%M%S")
+    folder = _join(config.output, name)
+    if artifact_exists(folder):
+        raise FileExistsError(
+            f"an artifact already exists at {folder!r}; pass another --name, or delete it to run again"
+        )
+    uris = [_absolute(uri) for uri in _image_uris(config)]  # workers run in their own folders
+    if len(uris) < config.batch_size:
+        raise ValueError(
+            f"--data {config.data!r} holds {len(uris)} images; --batch_size {config.batch_size} needs more"
+        )
+    _claim_run_folder(config, folder)
+    print(f"[discover] {len(uris)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
+
+    if not ray.is_initialized():
+        ray.init()
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": dataclasses.asdict(config), "uris": uris, "on_step": on_step},
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=_absolute(folder),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as checkpoint:
+        return _write_artifact(config, name, folder, Path(checkpoint))
+
+
+def _check_config(config: DiscoveryConfig) -> None:
+    problems = []
+    if config.num_workers < 1:
+        problems.append(f"--num-workers must be at least 1 (got {config.num_workers})")
+    elif config.batch_size % config.num_workers:
+        problems.append(
+            f"--batch_size {config.batch_size} must be a multiple of --num-workers {config.num_workers} "
+            "(each worker takes an equal share of every batch)"
+        )
+    if config.dtype not in DTYPES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    for key in ("num_steps", "num_tokens", "batch_size", "top_k", "num_indices", "checkpoint_every", "log_every"):
+        if getattr(config, key) < 1:
+            problems.append(f"--{key} must be at least 1 (got {getattr(config, key)})")
+    if config.top_k > config.furthest_point_num_samples or config.furthest_point_num_samples > config.num_tokens:
+        problems.append(
+            f"need --top_k ({config.top_k}) <= --furthest_point_num_samples ({config.furthest_point_num_samples}) "
+            f"<= --num_tokens ({config.num_tokens})"
+        )
+    if problems:
+        raise ValueError("invalid discovery settings: " + "; ".join(problems))
+
+
+def _image_uris(config: DiscoveryConfig) -> list[str]:
+    if config.data is not None:
+        return list_images(config.data)
+    samples = _join(config.output, "sample-images")
+    fs, path = fsspec.core.url_to_fs(samples)
+    if fs.exists(posixpath.join(path, "landmarks.json")):
+        return list_images(samples)
+    return write_sample_images(samples, n=8)
+
+
+def _claim_run_folder(config: DiscoveryConfig, folder: str) -> None:
+    """Record the run's settings; a rerun under the same name must keep those that shape its arithmetic."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    settings_path = posixpath.join(path, RUN_SETTINGS_FILE)
+    current = {key: _plain(getattr(config, key)) for key in RESUME_KEYS}
+    if fs.exists(settings_path):
+        saved = json.loads(fs.cat_file(settings_path))
+        changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise ValueError(
+                f"{folder!r} holds an unfinished run with other settings ({details}); "
+                "rerun with the same settings to resume, or pass another --name"
+            )
+        print(f"[discover] {folder} holds an unfinished run with these settings: resuming it")
+        return
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(settings_path, json.dumps(current, indent=2).encode())
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# --- on each worker -------------------------------------------------------------------------
+
+
+def _train_worker(loop_config: dict) -> None:
+    config = DiscoveryConfig(**loop_config["config"])
+    context_info = ray.train.get_context()
+    rank, world = context_info.get_world_rank(), context_info.get_world_size()
+    diffusion = load_diffusion(
+        model_location(config.model),
+        dtype=DTYPES[config.dtype],
+        device=ray.train.torch.get_device(),
+        revision=config.revision,
+        text_encoder=False,
+    )
+    image_size = config.image_size or diffusion.image_size
+    shard = _read_shard(loop_config["uris"], rank, world, image_size)
+    state = _restore(config, diffusion) or _fresh_state(config, diffusion)
+    if rank == 0 and state.step:
+        logger.info("[discover] resuming from the checkpoint at step %d", state.step)
+
+    share = config.batch_size // world
+    if len(shard.images) < share:
+        raise ValueError(
+            f"worker {rank} has {len(shard.images)} readable images, fewer than its share of a batch ({share}); "
+            f"skipped: {dict(shard.skipped)}"
+        )
+    order_generator = torch.Generator().manual_seed(_seed(config.seed, "order", rank))
+    order = _image_order(len(shard.images), share, config.num_steps, order_generator)
+    while state.step < config.num_steps:
+        started = time.perf_counter()
+        picked = order[state.step * share : (state.step + 1) * share]
+        record = _optimizer_step(config, diffusion, shard, picked.tolist(), state, image_size)
+        record["images_per_s"] = config.batch_size / (time.perf_counter() - started)
+        state.history.append(record)
+        if loop_config["on_step"] is not None:
+            loop_config["on_step"](rank, state.step, record)
+        state.step += 1
+        if rank == 0 and (state.step % config.log_every == 0 or state.step == config.num_steps):
+            _log_progress(state.step, config.num_steps, record)
+        if state.step % config.checkpoint_every == 0 and state.step < config.num_steps:
+            _report(state, rank, {})
+
+    counts = _count_picks(config, diffusion, shard, state.context.detach(), image_size)
+    state.token_indices = top_voted_tokens(counts, config.top_k).tolist()
+    images = _image_counts(shard, config.num_indices, len(loop_config["uris"]))
+    preview = _preview(config, diffusion, shard, state) if rank == 0 else None
+    final = {"images": images, "pick_counts": counts.tolist(), "resumed_from_step": state.resumed_from_step}
+    _report(state, rank, final, preview)
+
+
+@dataclass
+class _Shard:
+    indices: list[int]  # global image indices, in list order
+    images: torch.Tensor  # [n, 3, S, S] float in [0, 1]
+    skipped: Counter  # cause -> count
+
+
+def _read_shard(uris: list[str], rank: int, world: int, image_size: int) -> _Shard:
+    indices, images, skipped = [], [], Counter()
+    for index in range(rank, len(uris), world):
+        try:
+            image = to_tensor(read_image(uris[index]))[None]
+        except ImageReadError as error:
+            skipped[error.cause] += 1
+            logger.warning("[discover] skipping %s", error)
+            continue
+        indices.append(index)
+        images.append(resize_batch(image, image_size))
+    stacked = torch.cat(images) if images else torch.empty(0, 3, image_size, image_size)
+    return _Shard(indices, stacked, skipped)
+
+
+@dataclass
+class _State:
+    context: torch.Tensor  # the learned leaf tensor, on the model's device
+    optimizer: torch.optim.Adam
+    step: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    token_indices: list[int] | None = None
+    resumed_from_step: int = 0
+
+
+def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
+    generator = torch.Generator().manual_seed(_seed(config.seed, "context"))
+    context = init_context(config.num_tokens, diffusion.context_dim, generator=generator).to(diffusion.device)
+    context.requires_grad_(True)
+    return _State(context, torch.optim.Adam([context], lr=config.lr))
+
+
+def _optimizer_step(config, diffusion: Diffusion, shard: _Shard, picked: list[int], state: _State, size: int) -> dict:
+    thetas, noise_images, noise_transformed = _image_draws(
+        config, diffusion, [shard.indices[i] for i in picked], state.step, size
+    )
+    state.optimizer.zero_grad()
+    parts = training_loss(
+        diffusion,
+        shard.images[picked],
+        state.context,
+        thetas=thetas,
+        noise=(noise_images, noise_transformed),
+        top_k=config.top_k,
+        furthest_point_num_samples=config.furthest_point_num_samples,
+        sigma=config.sigma,
+        num_subjects=config.num_subjects,
+        sharpening_loss_weight=config.sharpening_loss_weight,
+        equivariance_attn_loss_weight=config.equivariance_attn_loss_weight,
+        **_map_options(config, size),
+    )
+    parts.total.backward()
+    _all_reduce_mean(state.context.grad)
+    state.optimizer.step()
+    reduced = _all_reduce_mean(torch.stack([part.detach().float() for part in parts]))
+    return {"step": state.step + 1, **{name: float(value) for name, value in zip(parts._fields, reduced)}}
+
+
+def _image_draws(config, diffusion: Diffusion, image_indices: list[int], step: int, size: int):
+    """Each image's affine transform and the latent noise for it and its copy, from (seed, step, image)."""
+    latent_shape = (
+        diffusion.unet.config.in_channels,
+        size // diffusion.vae_scale_factor,
+        size // diffusion.vae_scale_factor,
+    )
+    thetas, noise_images, noise_transformed = [], [], []
+    for index in image_indices:
+        generator = torch.Generator().manual_seed(_seed(config.seed, "step", step, index))
+        thetas.append(
+            random_affine(
+                1,
+                degrees=config.augment_degrees,
+                scale=config.augment_scale,
+                translate=config.augment_translate,
+                generator=generator,
+            )
+        )
+        noise_images.append(torch.randn(latent_shape, generator=generator))
+        noise_transformed.append(torch.randn(latent_shape, generator=generator))
+    return torch.cat(thetas), torch.stack(noise_images), torch.stack(noise_transformed)
+
+
+def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Tensor, size: int) -> torch.Tensor:
+    """SPEC 1.4 votes of this worker's images among the first ``num_indices``, summed over workers."""
+    counts = torch.zeros(config.num_tokens, dtype=torch.long)
+    mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
+    latent_side = size // diffusion.vae_scale_factor
+    for start in range(0, len(mine), config.batch_size):
+        chunk = mine[start : start + config.batch_size]
+        noise = torch.stack([
+            torch.randn(diffusion.unet.config.in_channels, latent_side, latent_side,
+                        generator=torch.Generator().manual_seed(_seed(config.seed, "select", shard.indices[i])))
+            for i in chunk
+        ])  # fmt: skip
+        counts += count_token_picks(
+            diffusion,
+            shard.images[chunk],
+            context,
+            top_k=config.top_k,
+            furthest_point_num_samples=config.furthest_point_num_samples,
+            sigma=config.sigma,
+            num_subjects=config.num_subjects,
+            batch_size=len(chunk),
+            noise=noise,
+            **_map_options(config, size),
+        )
+    return _all_reduce_sum(counts)
+
+
+def _map_options(config: DiscoveryConfig, size: int) -> dict:
+    return dict(
+        layers=config.layers,
+        noise_level=config.noise_level,
+        feature_upsample_res=config.feature_upsample_res,
+        image_size=size,
+    )
+
+
+def _image_counts(shard: _Shard, num_indices: int, listed: int) -> dict:
+    gathered = [None] * _world_size()
+    summary = {
+        "used": len(shard.indices),
+        "skipped": dict(shard.skipped),
+        "selection": sum(i < num_indices for i in shard.indices),
+    }
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, summary)
+    else:
+        gathered = [summary]
+    skipped = sum((Counter(part["skipped"]) for part in gathered), Counter())
+    return {
+        "listed": listed,
+        "used": sum(part["used"] for part in gathered),
+        "skipped": dict(skipped),
+        "used_for_token_selection": sum(part["selection"] for part in gathered),
+    }
+
+
+def _preview(config, diffusion: Diffusion, shard: _Shard, state: _State) -> bytes | None:
+    """keypoints.png: a few of rank 0's images with their detected keypoints, and the first one's maps."""
+    count = min(config.preview_images, len(shard.images))
+    if count == 0:
+        return None
+    size = shard.images.shape[-1]
+    images = shard.images[:count]
+    context = state.context.detach()
+    generator = torch.Generator().manual_seed(_seed(config.seed, "preview"))
+    options = _map_options(config, size)
+    keypoints, _ = detect_keypoints(
+        diffusion,
+        images,
+        context,
+        state.token_indices,
+        augmentation_iterations=config.augmentation_iterations,
+        degrees=config.augment_degrees,
+        scale=config.augment_scale,
+        translate=config.augment_translate,
+        generator=generator,
+        **options,
+    )
+    with torch.no_grad():
+        maps = attention_maps(
+            diffusion, images[:1], context, token_indices=state.token_indices, generator=generator, **options
+        )[0]
+    return _png(keypoint_sheet(images.cpu(), keypoints.cpu(), maps.cpu()))
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _report(state: _State, rank: int, extra: dict, preview: bytes | None = None) -> None:
+    """Every worker reports (Ray Train synchronises on it); rank 0 attaches the checkpoint."""
+    metrics = {"step": state.step, **(state.history[-1] if state.history else {})}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_file({"context": state.context.detach().cpu().contiguous()}, os.path.join(folder, CHECKPOINT_CONTEXT_FILE))
+        adam = state.optimizer.state[state.context]
+        save_file({key: value.cpu().contiguous() for key, value in adam.items()}, os.path.join(folder, OPTIMIZER_FILE))
+        record = {"step": state.step, "history": state.history, "token_indices": state.token_indices, **extra}
+        Path(folder, STATE_FILE).write_text(json.dumps(record))
+        if preview is not None:
+            Path(folder, PREVIEW_FILE).write_bytes(preview)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _restore(config: DiscoveryConfig, diffusion: Diffusion) -> _State | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        record = json.loads(Path(folder, STATE_FILE).read_text())
+        context = load_file(os.path.join(folder, CHECKPOINT_CONTEXT_FILE))["context"].to(diffusion.device)
+        adam = load_file(os.path.join(folder, OPTIMIZER_FILE), device=str(diffusion.device))
+    context.requires_grad_(True)
+    optimizer = torch.optim.Adam([context], lr=config.lr)
+    if adam:
+        adam["step"] = adam["step"].cpu()  # Adam keeps its step count on the CPU
+        optimizer.load_state_dict({"state": {0: adam}, "param_groups": optimizer.state_dict()["param_groups"]})
+    return _State(context, optimizer, record["step"], record["history"], record["token_indices"], record["step"])
+
+
+# --- on the driver --------------------------------------------------------------------------
+
+
+def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint: Path) -> DiscoveryResult:
+    record = json.loads((checkpoint / STATE_FILE).read_text())
+    history = record["history"]
+    losses = [entry["total"] for entry in history]
+    artifact = KeypointArtifact(
+        context=load_file(checkpoint / CHECKPOINT_CONTEXT_FILE)["context"],
+        token_indices=record["token_indices"],
+        model=config.model or TINY_MODEL,
+        revision=config.revision,
+        settings={**dataclasses.asdict(config), "name": name},
+        loss_history=losses,
+        images=record["images"],
+    )
+    files = {
+        "metrics.jsonl": "".join(json.dumps(entry) + "\n" for entry in history).encode(),
+        LOSS_CURVE_FILE: _png(line_plot(losses, title="discovery loss")),
+    }
+    if (checkpoint / PREVIEW_FILE).exists():
+        files[PREVIEW_FILE] = (checkpoint / PREVIEW_FILE).read_bytes()
+    save_artifact(artifact, folder, files=files)
+    images = record["images"]
+    picture = _join(folder, PREVIEW_FILE) if PREVIEW_FILE in files else None
+    print(
+        f"[discover] done: {images['used']} images used, {sum(images['skipped'].values())} skipped"
+        f"{' ' + str(images['skipped']) if images['skipped'] else ''}, tokens {artifact.token_indices}, "
+        f"final loss {losses[-1]:.5f}\n"
+        f"[discover] loss curve: {_join(folder, LOSS_CURVE_FILE)}\n[discover] artifact: {folder}"
+        + (f"\n[discover] picture: {picture}" if picture else "")
+    )
+    return DiscoveryResult(artifact, folder, picture, _join(folder, LOSS_CURVE_FILE), record["resumed_from_step"])
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+def _seed(*key) -> int:
+    """A 63-bit seed for a torch.Generator from a key of ints and strings."""
+    words = [int.from_bytes(part.encode(), "little") if isinstance(part, str) else int(part) for part in key]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        reduced = tensor.to(device)
+        dist.all_reduce(reduced)
+        tensor.copy_(reduced.to(tensor.device))
+    return tensor
+
+
+def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce_sum(tensor).div_(_world_size())
+
+
+def _log_progress(step: int, num_steps: int, record: dict) -> None:
+    logger.info(
+        "[discover] step %d/%d: loss %.5f (sharpening %.5f, equivariance %.6f), %.2f images/s",
+        step, num_steps, record["total"], record["sharpening"], record["equivariance"], record["images_per_s"],
+    )  # fmt: skip
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _join(base: str, name: str) -> str:
+    return posixpath.join(base, name) if "://" in base else os.path.join(base, name)
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else os.path.abspath(location)

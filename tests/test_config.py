@@ -1,0 +1,69 @@
+from dataclasses import dataclass
+
+import pytest
+
+from skp_ray.config import parse_settings
+from skp_ray.discovery import EMBEDDED_DEFAULT, DiscoveryConfig, discovery_config
+
+
+@dataclass
+class Example:
+    num_steps: int = 500
+    lr: float = 5e-3
+    name: str | None = None
+    use_gpu: bool = False
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    augment_scale: tuple[float, float] = (0.8, 1.0)
+
+
+def test_only_given_settings_are_returned_with_their_types():
+    settings = parse_settings(
+        Example, ["--num_steps", "7", "--use-gpu", "--layers", "1", "3", "--augment_scale", "0.5", "1"]
+    )
+    assert settings == {"num_steps": 7, "use_gpu": True, "layers": (1, 3), "augment_scale": (0.5, 1.0)}
+    assert parse_settings(Example, []) == {}
+    assert parse_settings(Example, ["--no-use-gpu", "--name", "run"]) == {"use_gpu": False, "name": "run"}
+
+
+def test_flags_override_the_yaml_file(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text("num_steps: 20\nlr: 0.1\nnum-steps: 30\nlayers: [2]\n")
+    settings = parse_settings(Example, ["--config", str(config), "--lr", "0.5"])
+    assert settings == {"num_steps": 30, "lr": 0.5, "layers": (2,)}  # hyphenated keys are the same option
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("num_step: 3\n", r"unknown option\(s\) \['num_step'\]"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_a_bad_yaml_file_is_named_in_the_error(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        parse_settings(Example, ["--config", str(config)])
+    assert str(config) in str(error.value)
+
+
+def test_a_missing_yaml_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_settings(Example, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_a_bad_flag_value_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(Example, ["--num_steps", "many"])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_the_embedded_default_applies_only_without_a_model():
+    tiny = discovery_config({"num_steps": 3})
+    assert tiny.num_steps == 3 and tiny.num_tokens == EMBEDDED_DEFAULT["num_tokens"]
+    real = discovery_config({"model": "stable-diffusion-v1-5/stable-diffusion-v1-5"})
+    published = DiscoveryConfig()
+    assert (real.num_steps, real.num_tokens, real.top_k, real.furthest_point_num_samples) == (500, 500, 10, 25)
+    assert (real.lr, real.batch_size, real.num_indices, real.sigma) == (published.lr, 4, 100, 2.0)
+    assert (real.sharpening_loss_weight, real.equivariance_attn_loss_weight) == (100.0, 1000.0)
