@@ -65,6 +65,7 @@ def content_hash(context: torch.Tensor, token_indices: list[int]) -> str:
 
 def artifact_exists(folder: str) -> bool:
     fs, path = fsspec.core.url_to_fs(folder)
+    fs.invalidate_cache(path)  # object-store listings are cached per process; ask the store itself
     return fs.exists(posixpath.join(path, ARTIFACT_FILE))
 
 

@@ -50,8 +50,8 @@ from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
 from skp_ray.diffusion import TINY_MODEL, Diffusion, load_diffusion, model_location
 from skp_ray.geometry import random_affine
-from skp_ray.images import ImageReadError, list_images, read_image, resize_batch, to_tensor
-from skp_ray.optimization import _image_order, init_context, training_loss
+from skp_ray.images import ImageReadError, join_uri, list_images, read_image, resize_batch, to_tensor
+from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.samples import write_sample_images
 from skp_ray.selection import top_voted_tokens
@@ -149,7 +149,7 @@ def run_discovery(
     """
     _check_config(config)
     name = config.name or time.strftime("discover-%Y%m%d-%H%M%S")
-    folder = _join(config.output, name)
+    folder = join_uri(config.output, name)
     if artifact_exists(folder):
         raise FileExistsError(
             f"an artifact already exists at {folder!r}; pass another --name, or delete it to run again"
@@ -210,7 +210,7 @@ def _check_config(config: DiscoveryConfig) -> None:
 def _image_uris(config: DiscoveryConfig) -> list[str]:
     if config.data is not None:
         return list_images(config.data)
-    samples = _join(config.output, "sample-images")
+    samples = join_uri(config.output, "sample-images")
     fs, path = fsspec.core.url_to_fs(samples)
     if fs.exists(posixpath.join(path, "landmarks.json")):
         return list_images(samples)
@@ -267,8 +267,8 @@ def _train_worker(loop_config: dict) -> None:
             f"worker {rank} has {len(shard.images)} readable images, fewer than its share of a batch ({share}); "
             f"skipped: {dict(shard.skipped)}"
         )
-    order_generator = torch.Generator().manual_seed(_seed(config.seed, "order", rank))
-    order = _image_order(len(shard.images), share, config.num_steps, order_generator)
+    order_generator = _generator(config.seed, "order", rank)
+    order = image_order(len(shard.images), share, config.num_steps, order_generator)
     while state.step < config.num_steps:
         started = time.perf_counter()
         picked = order[state.step * share : (state.step + 1) * share]
@@ -324,7 +324,7 @@ class _State:
 
 
 def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
-    generator = torch.Generator().manual_seed(_seed(config.seed, "context"))
+    generator = _generator(config.seed, "context")
     context = init_context(config.num_tokens, diffusion.context_dim, generator=generator).to(diffusion.device)
     context.requires_grad_(True)
     return _State(context, torch.optim.Adam([context], lr=config.lr))
@@ -358,25 +358,13 @@ def _optimizer_step(config, diffusion: Diffusion, shard: _Shard, picked: list[in
 
 def _image_draws(config, diffusion: Diffusion, image_indices: list[int], step: int, size: int):
     """Each image's affine transform and the latent noise for it and its copy, from (seed, step, image)."""
-    latent_shape = (
-        diffusion.unet.config.in_channels,
-        size // diffusion.vae_scale_factor,
-        size // diffusion.vae_scale_factor,
-    )
     thetas, noise_images, noise_transformed = [], [], []
     for index in image_indices:
-        generator = torch.Generator().manual_seed(_seed(config.seed, "step", step, index))
-        thetas.append(
-            random_affine(
-                1,
-                degrees=config.augment_degrees,
-                scale=config.augment_scale,
-                translate=config.augment_translate,
-                generator=generator,
-            )
-        )
-        noise_images.append(torch.randn(latent_shape, generator=generator))
-        noise_transformed.append(torch.randn(latent_shape, generator=generator))
+        generator = _generator(config.seed, "step", step, index)
+        augment = dict(degrees=config.augment_degrees, scale=config.augment_scale, translate=config.augment_translate)
+        thetas.append(random_affine(1, generator=generator, **augment))
+        noise_images.append(_latent_noise(diffusion, size, generator))
+        noise_transformed.append(_latent_noise(diffusion, size, generator))
     return torch.cat(thetas), torch.stack(noise_images), torch.stack(noise_transformed)
 
 
@@ -384,14 +372,9 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
     """SPEC 1.4 votes of this worker's images among the first ``num_indices``, summed over workers."""
     counts = torch.zeros(config.num_tokens, dtype=torch.long)
     mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
-    latent_side = size // diffusion.vae_scale_factor
     for start in range(0, len(mine), config.batch_size):
         chunk = mine[start : start + config.batch_size]
-        noise = torch.stack([
-            torch.randn(diffusion.unet.config.in_channels, latent_side, latent_side,
-                        generator=torch.Generator().manual_seed(_seed(config.seed, "select", shard.indices[i])))
-            for i in chunk
-        ])  # fmt: skip
+        noise = [_latent_noise(diffusion, size, _generator(config.seed, "select", shard.indices[i])) for i in chunk]
         counts += count_token_picks(
             diffusion,
             shard.images[chunk],
@@ -401,7 +384,7 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
             sigma=config.sigma,
             num_subjects=config.num_subjects,
             batch_size=len(chunk),
-            noise=noise,
+            noise=torch.stack(noise),
             **_map_options(config, size),
         )
     return _all_reduce_sum(counts)
@@ -444,7 +427,7 @@ def _preview(config, diffusion: Diffusion, shard: _Shard, state: _State) -> byte
     size = shard.images.shape[-1]
     images = shard.images[:count]
     context = state.context.detach()
-    generator = torch.Generator().manual_seed(_seed(config.seed, "preview"))
+    generator = _generator(config.seed, "preview")
     options = _map_options(config, size)
     keypoints, _ = detect_keypoints(
         diffusion,
@@ -525,24 +508,31 @@ def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint:
         files[PREVIEW_FILE] = (checkpoint / PREVIEW_FILE).read_bytes()
     save_artifact(artifact, folder, files=files)
     images = record["images"]
-    picture = _join(folder, PREVIEW_FILE) if PREVIEW_FILE in files else None
+    picture = join_uri(folder, PREVIEW_FILE) if PREVIEW_FILE in files else None
     print(
         f"[discover] done: {images['used']} images used, {sum(images['skipped'].values())} skipped"
         f"{' ' + str(images['skipped']) if images['skipped'] else ''}, tokens {artifact.token_indices}, "
         f"final loss {losses[-1]:.5f}\n"
-        f"[discover] loss curve: {_join(folder, LOSS_CURVE_FILE)}\n[discover] artifact: {folder}"
+        f"[discover] loss curve: {join_uri(folder, LOSS_CURVE_FILE)}\n[discover] artifact: {folder}"
         + (f"\n[discover] picture: {picture}" if picture else "")
     )
-    return DiscoveryResult(artifact, folder, picture, _join(folder, LOSS_CURVE_FILE), record["resumed_from_step"])
+    return DiscoveryResult(artifact, folder, picture, join_uri(folder, LOSS_CURVE_FILE), record["resumed_from_step"])
 
 
 # --- small helpers --------------------------------------------------------------------------
 
 
-def _seed(*key) -> int:
-    """A 63-bit seed for a torch.Generator from a key of ints and strings."""
+def _generator(*key) -> torch.Generator:
+    """A CPU generator seeded from a key of ints and strings, e.g. (seed, "step", step, image index)."""
     words = [int.from_bytes(part.encode(), "little") if isinstance(part, str) else int(part) for part in key]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return torch.Generator().manual_seed(seed)
+
+
+def _latent_noise(diffusion: Diffusion, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Standard Gaussian noise [C, h, w] for the latent of one image of side ``size``."""
+    side = size // diffusion.vae_scale_factor
+    return torch.randn(diffusion.unet.config.in_channels, side, side, generator=generator)
 
 
 def _world_size() -> int:
@@ -573,10 +563,6 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _join(base: str, name: str) -> str:
-    return posixpath.join(base, name) if "://" in base else os.path.join(base, name)
 
 
 def _absolute(location: str) -> str:

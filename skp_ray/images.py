@@ -140,6 +140,11 @@ def read_image(uri: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return decode_image(data, uri=uri, max_pixels=max_pixels)
 
 
+def join_uri(base: str, name: str) -> str:
+    """``base/name`` for a local folder or an fsspec URL (``s3://bucket/prefix``)."""
+    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 tensor [3, H, W] in [0, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

@@ -91,7 +91,7 @@ def optimize_context(
     context = init_context(num_tokens, diffusion.context_dim, generator=generator).to(diffusion.device)
     context.requires_grad_(True)
     optimizer = torch.optim.Adam([context], lr=lr)
-    order = _image_order(len(images), batch_size, num_steps, generator)
+    order = image_order(len(images), batch_size, num_steps, generator)
     history = []
     for step in range(num_steps):
         batch = images[order[step * batch_size : (step + 1) * batch_size]]
@@ -106,7 +106,7 @@ def optimize_context(
     return context.detach(), history
 
 
-def _image_order(num_images: int, batch_size: int, num_steps: int, generator) -> torch.Tensor:
+def image_order(num_images: int, batch_size: int, num_steps: int, generator) -> torch.Tensor:
     """Image indices for every step: seeded permutations, each cut to whole batches (no repeats in a batch)."""
     if num_images < batch_size:
         raise ValueError(f"batch_size {batch_size} needs at least that many images; got {num_images}.")

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from skp_ray.images import join_uri
+
 __all__ = ["LANDMARK_NAMES", "PUPIL_MAX", "render_samples", "write_sample_images"]
 
 LANDMARK_NAMES: tuple[str, ...] = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
@@ -102,15 +104,11 @@ def write_sample_images(folder: str | os.PathLike, *, n: int = 8, size: int = 25
         name = f"sample_{i:03d}.png"
         with fs.open(f"{root.rstrip('/')}/{name}", "wb") as f:
             Image.fromarray(pixels[i], "RGB").save(f, format="PNG")
-        paths.append(_join(folder, name))
+        paths.append(join_uri(folder, name))
         table[name] = [[float(y), float(x)] for y, x in landmarks[i].tolist()]
     with fs.open(f"{root.rstrip('/')}/landmarks.json", "w") as f:
         json.dump(table, f, indent=1)
     return paths
-
-
-def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}" if "://" in folder else os.path.join(folder, name)
 
 
 def _render_face(rng: np.random.Generator, size: int) -> _Face:

@@ -190,3 +190,23 @@ def test_the_job_runs_from_a_yaml_config_with_flags_on_top(ray_session, tmp_path
     assert artifact.settings["checkpoint_every"] == 5  # the embedded default fills what neither sets
     assert artifact.images["used"] == 8 and (tmp_path / "out" / "sample-images" / "landmarks.json").exists()
     assert "step 2/2: loss" in result.stdout + result.stderr
+
+
+def test_data_and_output_on_object_storage(ray_session, s3_endpoint, tmp_path):
+    """Images read from a bucket, checkpoints and the artifact written back to it (moto's S3 server)."""
+    import fsspec
+
+    s3 = fsspec.filesystem("s3")
+    s3.mkdir("skp-discovery")
+    write_sample_images("s3://skp-discovery/images", n=4, size=128, seed=3)
+    config = small_config("s3://skp-discovery/images/", "s3://skp-discovery/keypoints", name="s3run", num_steps=3)
+    result = run_discovery(config)
+    assert result.folder == "s3://skp-discovery/keypoints/s3run"
+    loaded = load_artifact(result.folder)
+    assert torch.equal(loaded.context, result.artifact.context) and loaded.images["used"] == 4
+    s3.invalidate_cache()
+    stored = {path.rsplit("/", 1)[-1] for path in s3.ls("skp-discovery/keypoints/s3run")}
+    assert {"artifact.json", "context.safetensors", "metrics.jsonl", "loss.png", "keypoints.png", "train"} <= stored
+    assert any(path.rsplit("/", 1)[-1].startswith("checkpoint_") for path in s3.ls("skp-discovery/keypoints/s3run/train"))
+    with pytest.raises(FileExistsError):
+        run_discovery(config)

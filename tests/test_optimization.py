@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from skp_ray.geometry import random_affine
-from skp_ray.optimization import _image_order, optimize_context, training_loss
+from skp_ray.optimization import image_order, optimize_context, training_loss
 from skp_ray.samples import render_samples
 
 SMALL = dict(image_size=128, feature_upsample_res=32, top_k=3, furthest_point_num_samples=6)
@@ -52,12 +52,12 @@ def test_optimize_context_is_seeded_and_records_every_step(tiny):
     assert torch.equal(context, again) and not torch.equal(context, other)
 
 
-def test_image_order_has_no_repeats_within_a_batch_and_covers_each_pass():
-    order = _image_order(5, 2, 7, torch.Generator().manual_seed(0))
+def testimage_order_has_no_repeats_within_a_batch_and_covers_each_pass():
+    order = image_order(5, 2, 7, torch.Generator().manual_seed(0))
     assert len(order) == 14
     batches = order.view(7, 2)
     assert all(len(set(batch.tolist())) == 2 for batch in batches)
     first_pass = order[:4].tolist()
     assert len(set(first_pass)) == 4
     with pytest.raises(ValueError, match="batch_size 4 needs at least"):
-        _image_order(3, 4, 1, None)
+        image_order(3, 4, 1, None)
