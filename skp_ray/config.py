@@ -30,7 +30,17 @@ def parse_settings(cls: type, argv: Sequence[str] | None = None, *, description:
     config_file = given.pop("config")
     file_settings = read_settings_file(config_file, cls) if config_file else {}
     given = {key: tuple(value) if isinstance(value, list) else value for key, value in given.items()}
-    return {**file_settings, **given}
+    settings = {**file_settings, **given}
+    missing = [
+        f"--{field.name}" for field in dataclasses.fields(cls) if _required(field) and field.name not in settings
+    ]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (on the command line or in the --config file)")
+    return settings
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def read_settings_file(uri: str, cls: type) -> dict:

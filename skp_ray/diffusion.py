@@ -22,6 +22,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 NUM_INFERENCE_STEPS = 50
 
 
+# The weight precisions a job can ask for by name (--dtype).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither a local pipeline folder nor reachable on the hub or in its cache."""
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import ray
 import ray.train
 import torch
@@ -48,11 +47,12 @@ from safetensors.torch import load_file, save_file
 from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
 from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
-from skp_ray.diffusion import TINY_MODEL, Diffusion, load_diffusion, model_location
+from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, load_diffusion, model_location
 from skp_ray.geometry import random_affine
 from skp_ray.images import ImageReadError, join_uri, list_images, read_image, resize_batch, to_tensor
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
+from skp_ray.randomness import keyed_generator
 from skp_ray.samples import write_sample_images
 from skp_ray.selection import top_voted_tokens
 
@@ -65,8 +65,6 @@ STATE_FILE = "state.json"
 PREVIEW_FILE = "keypoints.png"
 LOSS_CURVE_FILE = "loss.png"
 RUN_SETTINGS_FILE = "run-settings.json"
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Settings that change the optimisation's arithmetic: a resumed run must match its checkpoint in these.
 RESUME_KEYS = (
@@ -267,7 +265,7 @@ def _train_worker(loop_config: dict) -> None:
             f"worker {rank} has {len(shard.images)} readable images, fewer than its share of a batch ({share}); "
             f"skipped: {dict(shard.skipped)}"
         )
-    order_generator = _generator(config.seed, "order", rank)
+    order_generator = keyed_generator(config.seed, "order", rank)
     order = image_order(len(shard.images), share, config.num_steps, order_generator)
     while state.step < config.num_steps:
         started = time.perf_counter()
@@ -287,7 +285,12 @@ def _train_worker(loop_config: dict) -> None:
     state.token_indices = top_voted_tokens(counts, config.top_k).tolist()
     images = _image_counts(shard, config.num_indices, len(loop_config["uris"]))
     preview = _preview(config, diffusion, shard, state) if rank == 0 else None
-    final = {"images": images, "pick_counts": counts.tolist(), "resumed_from_step": state.resumed_from_step}
+    final = {
+        "images": images,
+        "pick_counts": counts.tolist(),
+        "resumed_from_step": state.resumed_from_step,
+        "image_size": image_size,
+    }
     _report(state, rank, final, preview)
 
 
@@ -324,7 +327,7 @@ class _State:
 
 
 def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
-    generator = _generator(config.seed, "context")
+    generator = keyed_generator(config.seed, "context")
     context = init_context(config.num_tokens, diffusion.context_dim, generator=generator).to(diffusion.device)
     context.requires_grad_(True)
     return _State(context, torch.optim.Adam([context], lr=config.lr))
@@ -360,7 +363,7 @@ def _image_draws(config, diffusion: Diffusion, image_indices: list[int], step: i
     """Each image's affine transform and the latent noise for it and its copy, from (seed, step, image)."""
     thetas, noise_images, noise_transformed = [], [], []
     for index in image_indices:
-        generator = _generator(config.seed, "step", step, index)
+        generator = keyed_generator(config.seed, "step", step, index)
         augment = dict(degrees=config.augment_degrees, scale=config.augment_scale, translate=config.augment_translate)
         thetas.append(random_affine(1, generator=generator, **augment))
         noise_images.append(_latent_noise(diffusion, size, generator))
@@ -374,7 +377,7 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
     mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
     for start in range(0, len(mine), config.batch_size):
         chunk = mine[start : start + config.batch_size]
-        noise = [_latent_noise(diffusion, size, _generator(config.seed, "select", shard.indices[i])) for i in chunk]
+        noise = [_latent_noise(diffusion, size, keyed_generator(config.seed, "select", shard.indices[i])) for i in chunk]
         counts += count_token_picks(
             diffusion,
             shard.images[chunk],
@@ -427,7 +430,7 @@ def _preview(config, diffusion: Diffusion, shard: _Shard, state: _State) -> byte
     size = shard.images.shape[-1]
     images = shard.images[:count]
     context = state.context.detach()
-    generator = _generator(config.seed, "preview")
+    generator = keyed_generator(config.seed, "preview")
     options = _map_options(config, size)
     keypoints, _ = detect_keypoints(
         diffusion,
@@ -496,7 +499,7 @@ def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint:
         token_indices=record["token_indices"],
         model=config.model or TINY_MODEL,
         revision=config.revision,
-        settings={**dataclasses.asdict(config), "name": name},
+        settings={**dataclasses.asdict(config), "name": name, "image_size": record["image_size"]},
         loss_history=losses,
         images=record["images"],
     )
@@ -520,13 +523,6 @@ def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint:
 
 
 # --- small helpers --------------------------------------------------------------------------
-
-
-def _generator(*key) -> torch.Generator:
-    """A CPU generator seeded from a key of ints and strings, e.g. (seed, "step", step, image index)."""
-    words = [int.from_bytes(part.encode(), "little") if isinstance(part, str) else int(part) for part in key]
-    seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-    return torch.Generator().manual_seed(seed)
 
 
 def _latent_noise(diffusion: Diffusion, size: int, generator: torch.Generator) -> torch.Tensor:

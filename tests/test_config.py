@@ -67,3 +67,15 @@ def test_the_embedded_default_applies_only_without_a_model():
     assert (real.num_steps, real.num_tokens, real.top_k, real.furthest_point_num_samples) == (500, 500, 10, 25)
     assert (real.lr, real.batch_size, real.num_indices, real.sigma) == (published.lr, 4, 100, 2.0)
     assert (real.sharpening_loss_weight, real.equivariance_attn_loss_weight) == (100.0, 1000.0)
+
+
+def test_required_settings_may_come_from_flags_or_the_file(tmp_path, capsys):
+    from skp_ray.labelling import LabelConfig
+
+    with pytest.raises(SystemExit):
+        parse_settings(LabelConfig, ["--input", "images/"])
+    assert "--artifact, --output required" in capsys.readouterr().err
+    config = tmp_path / "label.yaml"
+    config.write_text("artifact: outputs/run\noutput: labels/\n")
+    settings = parse_settings(LabelConfig, ["--config", str(config), "--input", "images/"])
+    assert LabelConfig(**settings).artifact == "outputs/run"

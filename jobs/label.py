@@ -1,0 +1,18 @@
+"""Label images with keypoints: stream a corpus through model-holding Ray Data actors to Parquet.
+
+    python jobs/label.py --artifact outputs/faces-v1 --input ./images --output ./labels
+    ray job submit --working-dir . -- python jobs/label.py --artifact s3://bucket/keypoints/faces-v1 \\
+        --input s3://bucket/images/ --output s3://bucket/labels/ --actors 1,8 --use-gpu --dtype float16
+
+Rerunning with the same --output labels only the images that have no row yet,
+so an interrupted run resumes and a grown bucket labels only its new images.
+Settings can also come from a YAML file (--config), flags overriding it.
+"""
+
+import sys
+
+from skp_ray.config import parse_settings
+from skp_ray.labelling import LabelConfig, run_labelling
+
+if __name__ == "__main__":
+    run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
