@@ -49,10 +49,11 @@ from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
 from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, load_diffusion, model_location
 from skp_ray.geometry import random_affine
-from skp_ray.images import ImageReadError, join_uri, list_images, read_image, resize_batch, to_tensor
+from skp_ray.images import ImageReadError, absolute_uri, join_uri, list_images, read_image, resize_batch, to_tensor
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.randomness import keyed_generator
+from skp_ray.ray_cluster import connect, use_gpus
 from skp_ray.samples import write_sample_images
 from skp_ray.selection import top_voted_tokens
 
@@ -102,7 +103,7 @@ class DiscoveryConfig:
     output: str = "outputs"  # local folder or object-storage URI; the artifact goes to <output>/<name>
     name: str | None = None  # a rerun with the same name resumes; None: discover-<time>
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: use GPUs if the cluster has them
     cpus_per_worker: float = 1.0
     dtype: str = "float32"
     seed: int = 0
@@ -152,7 +153,7 @@ def run_discovery(
         raise FileExistsError(
             f"an artifact already exists at {folder!r}; pass another --name, or delete it to run again"
         )
-    uris = [_absolute(uri) for uri in _image_uris(config)]  # workers run in their own folders
+    uris = [absolute_uri(uri) for uri in _image_uris(config)]  # workers run in their own folders
     if len(uris) < config.batch_size:
         raise ValueError(
             f"--data {config.data!r} holds {len(uris)} images; --batch_size {config.batch_size} needs more"
@@ -160,8 +161,8 @@ def run_discovery(
     _claim_run_folder(config, folder)
     print(f"[discover] {len(uris)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
 
-    if not ray.is_initialized():
-        ray.init()
+    connect()
+    config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": dataclasses.asdict(config), "uris": uris, "on_step": on_step},
@@ -172,7 +173,7 @@ def run_discovery(
         ),
         run_config=RunConfig(
             name="train",
-            storage_path=_absolute(folder),
+            storage_path=absolute_uri(folder),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -377,7 +378,9 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
     mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
     for start in range(0, len(mine), config.batch_size):
         chunk = mine[start : start + config.batch_size]
-        noise = [_latent_noise(diffusion, size, keyed_generator(config.seed, "select", shard.indices[i])) for i in chunk]
+        noise = [
+            _latent_noise(diffusion, size, keyed_generator(config.seed, "select", shard.indices[i])) for i in chunk
+        ]
         counts += count_token_picks(
             diffusion,
             shard.images[chunk],
@@ -559,7 +562,3 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _absolute(location: str) -> str:
-    return location if "://" in location else os.path.abspath(location)

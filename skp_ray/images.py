@@ -145,6 +145,11 @@ def join_uri(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
 
 
+def absolute_uri(location: str) -> str:
+    """A local path made absolute (Ray workers run in folders of their own); URLs unchanged."""
+    return location if "://" in location else os.path.abspath(location)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 tensor [3, H, W] in [0, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

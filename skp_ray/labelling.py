@@ -18,8 +18,8 @@ keypoints do not depend on batching, actor count or reruns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
 import posixpath
 import time
 import uuid
@@ -40,8 +40,17 @@ import torch
 from skp_ray.artifact import load_artifact
 from skp_ray.detection import detect_keypoints
 from skp_ray.diffusion import DTYPES, load_diffusion, model_location
-from skp_ray.images import DEFAULT_MAX_PIXELS, ImageReadError, list_images, read_image, resize_batch, to_tensor
+from skp_ray.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    absolute_uri,
+    list_images,
+    read_image,
+    resize_batch,
+    to_tensor,
+)
 from skp_ray.randomness import keyed_generator
+from skp_ray.ray_cluster import connect, use_gpus
 
 # One row per input image. Keypoints are [K][2] lists: (x, y) in original-image pixels
 # (a pixel's centre at index + 0.5) and (x, y) normalised to [0, 1] by width and height.
@@ -77,7 +86,7 @@ class LabelConfig:
     augmentation_iterations: int = 10
     batch_size: int = 8  # images per actor call
     actors: str = "1"  # a fixed pool size "N", or "MIN,MAX" to autoscale
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: use GPUs if the cluster has them
     cpus_per_actor: float = 1.0
     dtype: str = "float32"
     seed: int = 0
@@ -140,16 +149,16 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
         raise ValueError("--batch-size and --augmentation_iterations must be at least 1")
     compute = parse_actors(config.actors)
     artifact = load_artifact(config.artifact)
-    output = _absolute(config.output)
-    uris = list(dict.fromkeys(_absolute(uri) for uri in list_images(config.input)))  # listed twice: one image
+    output = absolute_uri(config.output)
+    uris = list(dict.fromkeys(absolute_uri(uri) for uri in list_images(config.input)))  # listed twice: one image
     done = labelled_ids(output)
     todo = [{"uri": uri, "image_id": image_id(uri)} for uri in uris if image_id(uri) not in done]
     run_id = uuid.uuid4().hex[:12]
     print(f"[label] {len(uris)} images, {len(uris) - len(todo)} already labelled, {len(todo)} to label -> {output}")
     if todo:
         path, filesystem = _parquet_location(output)
-        if not ray.is_initialized():
-            ray.init()
+        connect()
+        config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
         blocks = -(-len(todo) // config.batch_size)
         image_size = artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE
@@ -339,7 +348,3 @@ def _parquet_location(output: str) -> tuple[str, pafs.FileSystem]:
         return output, pafs.LocalFileSystem()
     filesystem, path = fsspec.core.url_to_fs(output)
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
-
-
-def _absolute(location: str) -> str:
-    return location if "://" in location else os.path.abspath(location)

@@ -1,6 +1,7 @@
 """The labelling pipeline on a real local Ray (Ray Data actors on the CPU, tiny model)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,22 @@ def test_the_job_prints_a_summary(ray_session, artifact, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[label] done: 3 images labelled (2 ok, 1 errors: not_an_image 1)" in result.stdout
     assert result.stdout.rstrip().endswith(f"[label] output: {tmp_path / 'out'}")
+
+
+def test_a_preempted_actor_loses_and_duplicates_nothing(ray_session, artifact, tmp_path):
+    """An actor killed outright (as a spot GPU node would be) mid-run: Ray Data restarts it and
+    retries its batch, and every image still ends with exactly one row."""
+    write_sample_images(tmp_path / "in", n=6, size=64, seed=12)
+    marker = tmp_path / "killed"
+
+    def kill_after_first_batch(rows):
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    job = config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), batch_size=1)
+    summary = run_labelling(job, on_batch=kill_after_first_batch)
+    assert marker.exists()
+    rows = pd.read_parquet(tmp_path / "out")
+    assert len(rows) == 6 and rows["image_id"].is_unique and (rows["status"] == "ok").all()
+    assert summary.labelled == 6
