@@ -288,7 +288,6 @@ def _train_worker(loop_config: dict) -> None:
     preview = _preview(config, diffusion, shard, state) if rank == 0 else None
     final = {
         "images": images,
-        "pick_counts": counts.tolist(),
         "resumed_from_step": state.resumed_from_step,
         "image_size": image_size,
     }
