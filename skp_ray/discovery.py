@@ -49,7 +49,17 @@ from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
 from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, load_diffusion, model_location
 from skp_ray.geometry import random_affine
-from skp_ray.images import ImageReadError, absolute_uri, join_uri, list_images, read_image, resize_batch, to_tensor
+from skp_ray.images import (
+    ImageReadError,
+    ImageSource,
+    absolute_source,
+    absolute_uri,
+    join_uri,
+    list_sources,
+    read_source,
+    resize_batch,
+    to_tensor,
+)
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.randomness import keyed_generator
@@ -71,8 +81,8 @@ RUN_SETTINGS_FILE = "run-settings.json"
 RESUME_KEYS = (
     "num_tokens", "lr", "batch_size", "top_k", "furthest_point_num_samples", "sigma", "layers", "noise_level",
     "feature_upsample_res", "augment_degrees", "augment_scale", "augment_translate", "sharpening_loss_weight",
-    "equivariance_attn_loss_weight", "num_subjects", "model", "revision", "data", "num_workers", "dtype", "seed",
-    "image_size",
+    "equivariance_attn_loss_weight", "num_subjects", "model", "revision", "data", "split", "num_workers", "dtype",
+    "seed", "image_size",
 )  # fmt: skip
 
 
@@ -100,6 +110,7 @@ class DiscoveryConfig:
     model: str | None = None  # hub id or folder; None: the embedded tiny model
     revision: str | None = None
     data: str | None = None  # folder, s3:// or gs:// prefix, or manifest; None: rendered sample images
+    split: str | None = None  # with a dataset manifest: learn from this split only (e.g. "train")
     output: str = "outputs"  # local folder or object-storage URI; the artifact goes to <output>/<name>
     name: str | None = None  # a rerun with the same name resumes; None: discover-<time>
     num_workers: int = 1
@@ -153,19 +164,19 @@ def run_discovery(
         raise FileExistsError(
             f"an artifact already exists at {folder!r}; pass another --name, or delete it to run again"
         )
-    uris = [absolute_uri(uri) for uri in _image_uris(config)]  # workers run in their own folders
-    if len(uris) < config.batch_size:
+    sources = [absolute_source(source) for source in _image_sources(config)]  # workers run in their own folders
+    if len(sources) < config.batch_size:
         raise ValueError(
-            f"--data {config.data!r} holds {len(uris)} images; --batch_size {config.batch_size} needs more"
+            f"--data {config.data!r} holds {len(sources)} images; --batch_size {config.batch_size} needs more"
         )
     _claim_run_folder(config, folder)
-    print(f"[discover] {len(uris)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
+    print(f"[discover] {len(sources)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
 
     connect()
     config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": dataclasses.asdict(config), "uris": uris, "on_step": on_step},
+        train_loop_config={"config": dataclasses.asdict(config), "sources": sources, "on_step": on_step},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -206,14 +217,14 @@ def _check_config(config: DiscoveryConfig) -> None:
         raise ValueError("invalid discovery settings: " + "; ".join(problems))
 
 
-def _image_uris(config: DiscoveryConfig) -> list[str]:
+def _image_sources(config: DiscoveryConfig) -> list[ImageSource]:
     if config.data is not None:
-        return list_images(config.data)
+        return list_sources(config.data, split=config.split)
     samples = join_uri(config.output, "sample-images")
     fs, path = fsspec.core.url_to_fs(samples)
-    if fs.exists(posixpath.join(path, "landmarks.json")):
-        return list_images(samples)
-    return write_sample_images(samples, n=8)
+    if not fs.exists(posixpath.join(path, "landmarks.json")):
+        write_sample_images(samples, n=8)
+    return list_sources(samples)
 
 
 def _claim_run_folder(config: DiscoveryConfig, folder: str) -> None:
@@ -255,7 +266,7 @@ def _train_worker(loop_config: dict) -> None:
         text_encoder=False,
     )
     image_size = config.image_size or diffusion.image_size
-    shard = _read_shard(loop_config["uris"], rank, world, image_size)
+    shard = _read_shard(loop_config["sources"], rank, world, image_size)
     state = _restore(config, diffusion) or _fresh_state(config, diffusion)
     if rank == 0 and state.step:
         logger.info("[discover] resuming from the checkpoint at step %d", state.step)
@@ -284,7 +295,7 @@ def _train_worker(loop_config: dict) -> None:
 
     counts = _count_picks(config, diffusion, shard, state.context.detach(), image_size)
     state.token_indices = top_voted_tokens(counts, config.top_k).tolist()
-    images = _image_counts(shard, config.num_indices, len(loop_config["uris"]))
+    images = _image_counts(shard, config.num_indices, len(loop_config["sources"]))
     preview = _preview(config, diffusion, shard, state) if rank == 0 else None
     final = {
         "images": images,
@@ -301,11 +312,11 @@ class _Shard:
     skipped: Counter  # cause -> count
 
 
-def _read_shard(uris: list[str], rank: int, world: int, image_size: int) -> _Shard:
+def _read_shard(sources: list[ImageSource], rank: int, world: int, image_size: int) -> _Shard:
     indices, images, skipped = [], [], Counter()
-    for index in range(rank, len(uris), world):
+    for index in range(rank, len(sources), world):
         try:
-            image = to_tensor(read_image(uris[index]))[None]
+            image = to_tensor(read_source(sources[index])[0])[None]
         except ImageReadError as error:
             skipped[error.cause] += 1
             logger.warning("[discover] skipping %s", error)

@@ -12,6 +12,7 @@ import io
 import os
 import posixpath
 import warnings
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -27,6 +28,12 @@ __all__ = [
     "to_tensor",
     "resize_batch",
     "list_images",
+    "ImageSource",
+    "list_sources",
+    "read_source",
+    "absolute_source",
+    "crop_image",
+    "apply_mask",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -150,6 +157,12 @@ def absolute_uri(location: str) -> str:
     return location if "://" in location else os.path.abspath(location)
 
 
+def absolute_source(source: ImageSource) -> ImageSource:
+    """The source with its local paths made absolute (see ``absolute_uri``)."""
+    mask = absolute_uri(source.mask_uri) if source.mask_uri else None
+    return ImageSource(absolute_uri(source.uri), source.crop_box, mask)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 tensor [3, H, W] in [0, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -174,8 +187,26 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one model input comes from: an image, optionally multiplied by a foreground mask, then cropped.
+
+    ``crop_box`` is (left, top, right, bottom) in the image's pixels, right and
+    bottom exclusive; it may reach outside the image, which is filled black.
+    """
+
+    uri: str
+    crop_box: tuple[int, int, int, int] | None = None
+    mask_uri: str | None = None
+
+
 def list_images(location: str | os.PathLike) -> list[str]:
-    """URIs of the images at ``location``.
+    """URIs of the images at ``location``; see ``list_sources`` for what a location may be."""
+    return [source.uri for source in list_sources(location)]
+
+
+def list_sources(location: str | os.PathLike, *, split: str | None = None) -> list[ImageSource]:
+    """The images at ``location``, with any crop box and mask a manifest gives them.
 
     ``location`` is one of:
     - a folder (local or fsspec URL prefix): every file with an image extension
@@ -186,7 +217,10 @@ def list_images(location: str | os.PathLike) -> list[str]:
     - a manifest: ``.txt`` (one URI per line; blank lines and ``#`` comments
       skipped) or ``.csv`` / ``.parquet`` with a ``uri`` column; entries are
       returned in manifest order, relative ones resolved against the
-      manifest's folder;
+      manifest's folder. Optional columns: ``mask_uri`` and (Parquet)
+      ``crop_box`` (see ``ImageSource``), ``split`` (``split=`` keeps only
+      the rows of that split; the dataset manifests of ``skp_ray.datasets``
+      have all of them);
     - a single image file: returned as a one-element list.
     Remote URIs keep their protocol. Raises ValueError when the location does
     not exist or yields no images.
@@ -198,14 +232,14 @@ def list_images(location: str | os.PathLike) -> list[str]:
 
     if any(ch in path for ch in "*?["):
         found = sorted(p for p in fs.glob(path) if _is_image_name(p) and fs.isfile(p))
-        uris = [_uri(fs, p, local) for p in found]
+        sources = [ImageSource(_uri(fs, p, local)) for p in found]
     elif extension in MANIFEST_EXTENSIONS and fs.isfile(path):
-        uris = _read_manifest(fs, path, local, location)
+        sources = _read_manifest(fs, path, local, location, split)
     elif fs.isdir(path):
         found = sorted(p for p in fs.find(path) if _is_image_name(p))
-        uris = [_uri(fs, p, local) for p in found]
+        sources = [ImageSource(_uri(fs, p, local)) for p in found]
     elif fs.isfile(path) and _is_image_name(path):
-        uris = [location]
+        sources = [ImageSource(location)]
     elif fs.exists(path):
         raise ValueError(
             f"{location!r} is neither a folder, an image ({_extensions()}) nor a manifest (.txt, .csv, .parquet)"
@@ -215,11 +249,48 @@ def list_images(location: str | os.PathLike) -> list[str]:
             f"{location!r} does not exist; expected a folder of images, a glob pattern, "
             "or a manifest file (.txt, .csv, .parquet)"
         )
-    if not uris:
+    if not sources:
+        wanted = f" in split {split!r}" if split else ""
         raise ValueError(
-            f"no images found at {location!r}; expected files ending in {_extensions()} or manifest entries"
+            f"no images found at {location!r}{wanted}; expected files ending in {_extensions()} or manifest entries"
         )
-    return uris
+    return sources
+
+
+def read_source(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+    """The model's view of one source (masked, then cropped), uint8 [h, w, 3], and the image's (height, width)."""
+    image = read_image(source.uri, max_pixels=max_pixels)
+    size = image.shape[:2]
+    if source.mask_uri is not None:
+        image = apply_mask(image, read_image(source.mask_uri, max_pixels=max_pixels))
+    if source.crop_box is not None:
+        image = crop_image(image, source.crop_box)
+    return image, size
+
+
+def crop_image(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``image[top:bottom, left:right]`` of uint8 [H, W, C], black where the box leaves the image."""
+    left, top, right, bottom = (int(v) for v in box)
+    if right <= left or bottom <= top:
+        raise ValueError(f"crop box {box} is empty; expected (left, top, right, bottom) with right > left, bottom > top")
+    height, width = image.shape[:2]
+    out = np.zeros((bottom - top, right - left) + image.shape[2:], dtype=image.dtype)
+    y0, y1, x0, x1 = max(top, 0), min(bottom, height), max(left, 0), min(right, width)
+    if y1 > y0 and x1 > x0:
+        out[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
+    return out
+
+
+def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image times a foreground mask (its first channel; 0..1 or 0..255), resized to the image if needed."""
+    weights = mask[..., 0] if mask.ndim == 3 else mask
+    if weights.shape != image.shape[:2]:
+        resized = Image.fromarray(weights).resize((image.shape[1], image.shape[0]), Image.BILINEAR)
+        weights = np.asarray(resized)
+    weights = weights.astype(np.float32)
+    if weights.max() > 1:
+        weights /= 255.0
+    return np.clip(np.rint(image * weights[..., None]), 0, 255).astype(np.uint8)
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:
@@ -286,19 +357,40 @@ def _extensions() -> str:
     return ", ".join(sorted(IMAGE_EXTENSIONS))
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, local: bool, location: str) -> list[str]:
+def _read_manifest(
+    fs: fsspec.AbstractFileSystem, path: str, local: bool, location: str, split: str | None
+) -> list[ImageSource]:
     extension = posixpath.splitext(path)[1].lower()
+    folder = posixpath.dirname(path)
     if extension == ".txt":
+        if split is not None:
+            raise ValueError(f"manifest {location!r} is a list of URIs without splits; drop split={split!r}")
         with fs.open(path, "r", encoding="utf-8") as f:
             entries = [line.strip() for line in f]
-        entries = [e for e in entries if e and not e.startswith("#")]
-    else:
-        table = _read_table(fs, path, extension)
-        if "uri" not in table.column_names:
-            raise ValueError(f"manifest {location!r} has no 'uri' column (columns: {table.column_names})")
-        entries = [str(e).strip() for e in table.column("uri").to_pylist() if e is not None and str(e).strip()]
-    folder = posixpath.dirname(path)
-    return [_resolve(fs, folder, e, local) for e in entries]
+        return [ImageSource(_resolve(fs, folder, e, local)) for e in entries if e and not e.startswith("#")]
+    table = _read_table(fs, path, extension)
+    if "uri" not in table.column_names:
+        raise ValueError(f"manifest {location!r} has no 'uri' column (columns: {table.column_names})")
+    rows = table.to_pylist()
+    if split is not None:
+        if "split" not in table.column_names:
+            raise ValueError(f"manifest {location!r} has no 'split' column to pick split {split!r} from")
+        rows = [row for row in rows if row["split"] == split]
+    sources = []
+    for row in rows:
+        uri = str(row["uri"] or "").strip()
+        if not uri:
+            continue
+        mask = row.get("mask_uri")
+        box = row.get("crop_box")
+        sources.append(
+            ImageSource(
+                _resolve(fs, folder, uri, local),
+                crop_box=tuple(int(v) for v in box) if box is not None else None,
+                mask_uri=_resolve(fs, folder, mask, local) if mask else None,
+            )
+        )
+    return sources
 
 
 def _read_table(fs: fsspec.AbstractFileSystem, path: str, extension: str):
@@ -308,7 +400,7 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str, extension: str):
     with fs.open(path, "rb") as f:
         if extension == ".csv":
             # uri stays a string column even if every entry looks like a number
-            options = pacsv.ConvertOptions(column_types={"uri": "string"})
+            options = pacsv.ConvertOptions(column_types={"uri": "string", "mask_uri": "string"})
             return pacsv.read_csv(f, convert_options=options)
         return pq.read_table(f)
 

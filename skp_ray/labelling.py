@@ -43,9 +43,11 @@ from skp_ray.diffusion import DTYPES, load_diffusion, model_location
 from skp_ray.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
+    ImageSource,
+    absolute_source,
     absolute_uri,
-    list_images,
-    read_image,
+    list_sources,
+    read_source,
     resize_batch,
     to_tensor,
 )
@@ -53,13 +55,15 @@ from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import connect, use_gpus
 
 # One row per input image. Keypoints are [K][2] lists: (x, y) in original-image pixels
-# (a pixel's centre at index + 0.5) and (x, y) normalised to [0, 1] by width and height.
+# (a pixel's centre at index + 0.5) and (x, y) normalised to [0, 1] in the frame the model saw:
+# the manifest's crop box when it gives one (crop_box), else the whole image (width, height).
 OUTPUT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("crop_box", pa.list_(pa.int32())),
         ("keypoints_xy", pa.list_(pa.list_(pa.float32()))),
         ("keypoints_xy_normalized", pa.list_(pa.list_(pa.float32()))),
         ("peaks", pa.list_(pa.float32())),
@@ -150,11 +154,11 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     compute = parse_actors(config.actors)
     artifact = load_artifact(config.artifact)
     output = absolute_uri(config.output)
-    uris = list(dict.fromkeys(absolute_uri(uri) for uri in list_images(config.input)))  # listed twice: one image
+    sources = _distinct(absolute_source(source) for source in list_sources(config.input))
     done = labelled_ids(output)
-    todo = [{"uri": uri, "image_id": image_id(uri)} for uri in uris if image_id(uri) not in done]
+    todo = [_item(source) for source in sources if image_id(source.uri) not in done]
     run_id = uuid.uuid4().hex[:12]
-    print(f"[label] {len(uris)} images, {len(uris) - len(todo)} already labelled, {len(todo)} to label -> {output}")
+    print(f"[label] {len(sources)} images, {len(sources) - len(todo)} already labelled, {len(todo)} to label -> {output}")
     if todo:
         path, filesystem = _parquet_location(output)
         connect()
@@ -180,31 +184,54 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
             )
             .write_parquet(path, filesystem=filesystem)
         )
-    summary = _summarise(output, run_id, len(uris), len(uris) - len(todo), time.perf_counter() - started)
+    summary = _summarise(output, run_id, len(sources), len(sources) - len(todo), time.perf_counter() - started)
     print(summary.describe())
     return summary
 
 
+def _distinct(sources) -> list[ImageSource]:
+    """One source per URI (the first listed): an image listed twice is labelled once."""
+    first = {}
+    for source in sources:
+        first.setdefault(source.uri, source)
+    return list(first.values())
+
+
+def _item(source: ImageSource) -> dict:
+    # No nulls: Ray Data turns an all-null column into floats. No crop is [], no mask "".
+    box = list(source.crop_box or ())
+    return {"uri": source.uri, "image_id": image_id(source.uri), "crop_box": box, "mask_uri": source.mask_uri or ""}
+
+
+def _crop_box(value) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in value) if len(value) else None
+
+
 def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    """Read, decode and resize each image to float [3, size, size]; an unreadable one becomes an error row."""
+    """Read, decode, mask, crop and resize each image to float [3, size, size]; an unreadable one becomes
+    an error row. ``frame`` is the (left, top, right, bottom) of what the model sees, in image pixels."""
     count = len(batch["uri"])
     pixels = np.zeros((count, 3, size, size), dtype=np.float32)
     width, height = np.zeros(count, dtype=np.int32), np.zeros(count, dtype=np.int32)
+    frame = np.zeros((count, 4), dtype=np.float32)
     cause, message = [""] * count, [""] * count
     for i, uri in enumerate(batch["uri"]):
+        source = ImageSource(uri, _crop_box(batch["crop_box"][i]), batch["mask_uri"][i] or None)
         try:
-            image = read_image(uri, max_pixels=max_pixels)
+            view, (height[i], width[i]) = read_source(source, max_pixels=max_pixels)
         except ImageReadError as error:
             cause[i], message[i] = error.cause, str(error)
             continue
-        height[i], width[i] = image.shape[:2]
-        pixels[i] = resize_batch(to_tensor(image)[None], size)[0].numpy()
+        frame[i] = source.crop_box if source.crop_box is not None else (0, 0, width[i], height[i])
+        pixels[i] = resize_batch(to_tensor(view)[None], size)[0].numpy()
     return {
         "uri": batch["uri"],
         "image_id": batch["image_id"],
+        "crop_box": batch["crop_box"],
         "pixels": pixels,
         "width": width,
         "height": height,
+        "frame": frame,
         "error_cause": np.array(cause, dtype=object),
         "error": np.array(message, dtype=object),
     }
@@ -276,9 +303,9 @@ class KeypointDetector:
 
 def _output_table(batch, keypoints_yx: np.ndarray, peaks: np.ndarray, artifact_id: str, model: str, run_id: str):
     ok = np.array([not cause for cause in batch["error_cause"]])
-    size = np.stack([batch["width"], batch["height"]], axis=1).astype(np.float32)[:, None, :]
+    frame = batch["frame"].astype(np.float32)
     normalized = keypoints_yx[:, :, ::-1]  # (y, x) -> (x, y)
-    pixels = normalized * size
+    pixels = frame[:, None, :2] + normalized * (frame[:, None, 2:] - frame[:, None, :2])
 
     def lists(values: np.ndarray) -> list:
         return [row.tolist() if good else None for row, good in zip(values, ok)]
@@ -292,6 +319,7 @@ def _output_table(batch, keypoints_yx: np.ndarray, peaks: np.ndarray, artifact_i
         "uri": list(batch["uri"]),
         "width": [int(w) if good else None for w, good in zip(batch["width"], ok)],
         "height": [int(h) if good else None for h, good in zip(batch["height"], ok)],
+        "crop_box": [_crop_box(box) for box in batch["crop_box"]],
         "keypoints_xy": lists(pixels),
         "keypoints_xy_normalized": lists(normalized),
         "peaks": lists(peaks),

@@ -124,6 +124,32 @@ def draw_keypoints(
     return picture
 
 
+def landmark_comparison(
+    image: torch.Tensor | np.ndarray | Image.Image,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    visible: np.ndarray | None = None,
+) -> Image.Image:
+    """Ground-truth landmarks [M, 2] (normalised (y, x)) as rings, predictions as numbered dots, a line
+    joining each pair; landmark j has colour j in both. Invisible ground truth (``visible`` False) is left
+    out, its prediction still drawn."""
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    if visible is not None:
+        truth = np.where(np.asarray(visible, dtype=bool)[:, None], truth, np.nan)
+    picture = draw_keypoints(image, prediction)
+    width, height = picture.size
+    radius = max(3.0, min(width, height) / 64.0)
+    draw = ImageDraw.Draw(picture)
+    for j, ((ty, tx), (py, px)) in enumerate(zip(truth, np.asarray(prediction).reshape(-1, 2))):
+        if not (math.isfinite(ty) and math.isfinite(tx)):
+            continue
+        colour = keypoint_colours(len(truth))[j]
+        cx, cy = tx * width - 0.5, ty * height - 0.5
+        draw.line([(cx, cy), (px * width - 0.5, py * height - 0.5)], fill=colour, width=1)
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2)
+    return picture
+
+
 def image_grid(
     pictures: Sequence[Image.Image],
     *,

@@ -14,7 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from skp_ray.images import ImageReadError, decode_image, list_images, read_image, resize_batch, to_tensor
+from skp_ray.images import (
+    ImageReadError,
+    ImageSource,
+    apply_mask,
+    crop_image,
+    decode_image,
+    list_images,
+    list_sources,
+    read_image,
+    read_source,
+    resize_batch,
+    to_tensor,
+)
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -327,3 +339,65 @@ def test_list_images_errors(tmp_path):
     pacsv.write_csv(pa.table({"path": ["a.png"]}), str(tmp_path / "m.csv"))
     with pytest.raises(ValueError, match="'uri' column"):
         list_images(tmp_path / "m.csv")
+
+
+def test_crop_image_fills_outside_black():
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    inside = crop_image(image, (1, 2, 4, 4))
+    np.testing.assert_array_equal(inside, image[2:4, 1:4])
+    around = crop_image(image, (-2, -1, 6, 5))  # 8 wide, 6 high, image at offset (x 2, y 1)
+    assert around.shape == (6, 8, 3)
+    np.testing.assert_array_equal(around[1:5, 2:7], image)
+    assert around[0].sum() == 0 and around[5].sum() == 0 and around[:, :2].sum() == 0 and around[:, 7].sum() == 0
+    outside = crop_image(image, (10, 10, 13, 12))
+    assert outside.shape == (2, 3, 3) and outside.sum() == 0
+    with pytest.raises(ValueError, match="empty"):
+        crop_image(image, (3, 0, 3, 4))
+
+
+@pytest.mark.parametrize("on", [1, 255])
+def test_apply_mask_takes_0_1_and_0_255_masks(on):
+    image = np.full((2, 2, 3), 200, dtype=np.uint8)
+    mask = np.array([[0, on], [on, 0]], dtype=np.uint8)
+    masked = apply_mask(image, mask)
+    np.testing.assert_array_equal(masked[..., 0], [[0, 200], [200, 0]])
+
+
+def test_apply_mask_resizes_a_smaller_mask_to_the_image():
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    mask = np.stack([np.array([[255, 255], [0, 0]], dtype=np.uint8)] * 3, axis=-1)  # RGB mask, top half on
+    masked = apply_mask(image, mask)
+    assert masked[0, :, 0].tolist() == [100] * 4 and masked[3, :, 0].tolist() == [0] * 4
+
+
+def test_read_source_masks_then_crops_and_reports_the_image_size(tmp_path):
+    pixels = np.random.default_rng(0).integers(1, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    mask = np.zeros((6, 8), dtype=np.uint8)
+    mask[:, 4:] = 1
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    source = ImageSource(str(tmp_path / "a.png"), crop_box=(2, 1, 10, 5), mask_uri=str(tmp_path / "m.png"))
+    view, size = read_source(source)
+    assert size == (6, 8) and view.shape == (4, 8, 3)
+    expected = np.zeros((4, 8, 3), dtype=np.uint8)
+    expected[:, 2:6] = pixels[1:5, 4:8]  # masked-out left half, black beyond the right edge
+    np.testing.assert_array_equal(view, expected)
+
+
+def test_list_sources_reads_crops_masks_and_splits_from_a_parquet_manifest(tmp_path):
+    rows = [
+        {"uri": "a.png", "split": "train", "crop_box": [0, 0, 4, 4], "mask_uri": "m/a.png"},
+        {"uri": "b.png", "split": "test", "crop_box": None, "mask_uri": None},
+        {"uri": "c.png", "split": "train", "crop_box": None, "mask_uri": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    manifest = str(tmp_path / "manifest.parquet")
+    sources = list_sources(manifest)
+    assert sources[0] == ImageSource(str(tmp_path / "a.png"), (0, 0, 4, 4), str(tmp_path / "m" / "a.png"))
+    assert sources[1] == ImageSource(str(tmp_path / "b.png"))
+    assert [s.uri for s in list_sources(manifest, split="train")] == [str(tmp_path / n) for n in ("a.png", "c.png")]
+    with pytest.raises(ValueError, match="in split 'val'"):
+        list_sources(manifest, split="val")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(ValueError, match="without splits"):
+        list_sources(str(tmp_path / "list.txt"), split="train")

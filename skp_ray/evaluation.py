@@ -1,0 +1,288 @@
+"""Evaluation (SPEC 1.6): labelled keypoints of a dataset's train and test splits -> the published metric.
+
+The way through:
+
+1. the dataset adapter writes the manifest (``<output>/manifest.parquet``);
+2. without ``--labels``, the labelling pipeline labels every manifest image with
+   the artifact (``<output>/labels``; a rerun resumes);
+3. the labels are joined to the manifest by URI; the regressor is fitted on the
+   train split's keypoints and applied to the test split;
+4. ``metrics.json``, ``metrics.md`` and the report (``report.html`` with its
+   pictures) are written to ``<output>``.
+
+Transfer (an artifact learned on one dataset, evaluated on another) is the same
+call with that artifact and the other dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from dataclasses import asdict, dataclass, field, fields
+
+import fsspec
+import numpy as np
+import pyarrow.dataset as pads
+
+from skp_ray.datasets import DATASETS, ManifestConfig, make_manifest, read_manifest
+from skp_ray.images import DEFAULT_MAX_PIXELS, absolute_uri, join_uri
+from skp_ray.labelling import LabelConfig, run_labelling
+from skp_ray.metrics import inter_eye_distance, mean_average_error, orientation_invariant_error, pck, visible_error
+from skp_ray.regression import (
+    H36M_SWAP_PAIRS,
+    PUBLISHED_H36M_SWAP_PAIRS,
+    fit_regressor,
+    fit_regressor_with_swaps,
+    predict_landmarks,
+)
+
+MANIFEST_FILE = "manifest.parquet"
+LABELS_FOLDER = "labels"
+METRICS_FILE = "metrics.json"
+TABLE_FILE = "metrics.md"
+
+SWAP_PAIRS = {"correct": H36M_SWAP_PAIRS, "published": PUBLISHED_H36M_SWAP_PAIRS}
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    description: str
+    reported_scale: float  # the paper's tables show value x reported_scale
+    higher_is_better: bool = False
+
+
+METRICS = {
+    "inter_eye_distance": MetricInfo("error, % of the inter-ocular distance", 100.0),
+    "visible": MetricInfo("error over visible landmarks, % of the image side", 100.0),
+    "mean_average_error": MetricInfo("summed L2 error of the visible landmarks, 256-pixel frame", 1.0),
+    "pck": MetricInfo("PCK, % of landmarks within 6 pixels of 256", 100.0, higher_is_better=True),
+    "orientation_invariant": MetricInfo("left/right-invariant L2 error, 128-pixel frame", 1.0),
+}
+
+# SPEC 1.6's published figures, as the paper reports them (after reported_scale).
+PUBLISHED = {
+    "celeba_wild": 4.35,
+    "celeba_aligned": 3.60,
+    "cub_aligned": 5.06,
+    "cub_all": 5.4,
+    "cub_001": 10.5,
+    "cub_002": 10.5,
+    "cub_003": 10.5,
+    "taichi": 234.89,
+    "deepfashion": 70.0,
+    "h36m": 4.45,
+}
+
+
+@dataclass
+class EvaluateConfig:
+    dataset: str  # a name in skp_ray.datasets.DATASETS
+    root: str  # the dataset's folder, as distributed
+    output: str  # folder for the manifest, labels, metrics and report
+    labels: str | None = None  # Parquet labels of the manifest's images; None: label them with --artifact
+    artifact: str | None = None  # needed without --labels; with them, adds attention strips and the loss curve
+    manifest: str | None = None  # a ready manifest instead of building one from --root
+    seed: int = 0  # the manifest's seeded crops (h36m_unaligned) and the labelling augmentations
+    swap_pairs: str = "correct"  # Human3.6M swap pairs: "correct" or "published" (reproduces the paper's figure)
+    report_images: int = 8  # test images drawn in the report's pictures
+    # Labelling, when the job labels the images itself (see skp_ray.labelling.LabelConfig).
+    model: str | None = None
+    augmentation_iterations: int = 10
+    batch_size: int = 8
+    actors: str = "1"
+    use_gpu: bool | None = None
+    cpus_per_actor: float = 1.0
+    dtype: str = "float32"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass
+class SplitData:
+    """One split's labelled images: keypoints [N, K, 2] and landmarks [N, M, 2], both normalised (x, y)."""
+
+    rows: list[dict]  # the manifest rows, in manifest order
+    keypoints: np.ndarray
+    landmarks: np.ndarray
+    visible: np.ndarray  # [N, M] bool
+    unlabelled: dict[str, int] = field(default_factory=dict)  # cause -> images left out
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # what metrics.json holds
+    train: SplitData
+    test: SplitData
+    prediction: np.ndarray  # [N_test, M, 2] normalised (x, y)
+    output: str
+
+
+def run_evaluation(config: EvaluateConfig) -> Evaluation:
+    """Manifest, labels (made when not given), regression and metric, metrics files and the report."""
+    from skp_ray.report import write_report  # pictures are the last step; keep the numeric path light
+
+    info = _dataset_info(config)
+    output = absolute_uri(config.output)
+    manifest_path = config.manifest or _write_manifest(config, output)
+    labels = config.labels or _label(config, manifest_path, output)
+    manifest = read_manifest(manifest_path).to_pylist()
+    by_uri = _labels_by_uri(labels)
+    train, test = (_split_data(manifest, by_uri, split) for split in ("train", "test"))
+    prediction = _predict(info.regressor, train, test, SWAP_PAIRS[config.swap_pairs])
+    value = _metric(info.metric, prediction, test, SWAP_PAIRS[config.swap_pairs])
+    metrics = _metrics_record(config, info, value, train, test, by_uri, manifest_path, labels)
+    evaluation = Evaluation(metrics, train, test, prediction, output)
+    _write_metrics(evaluation)
+    write_report(evaluation, artifact=config.artifact, config=config)
+    print(f"[evaluate] {describe(metrics)}\n[evaluate] report: {join_uri(output, 'report.html')}")
+    return evaluation
+
+
+def describe(metrics: dict) -> str:
+    published = metrics["published"]
+    against = f" (published: {published})" if published is not None else ""
+    return (
+        f"{metrics['dataset']} {metrics['metric']} = {metrics['reported']:.4g}{against}; "
+        f"{metrics['images']['train']} train / {metrics['images']['test']} test images"
+    )
+
+
+def markdown_table(metrics: dict) -> str:
+    """The short Markdown table written beside metrics.json."""
+    published = metrics["published"]
+    lines = [
+        "| dataset | metric | value | published | train images | test images | artifact |",
+        "|---|---|---|---|---|---|---|",
+        f"| {metrics['dataset']} | {metrics['metric']} ({metrics['description']}) | {metrics['reported']:.4g} | "
+        f"{'-' if published is None else published} | {metrics['images']['train']} | {metrics['images']['test']} | "
+        f"{metrics['artifact_id']} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _dataset_info(config: EvaluateConfig):
+    info = DATASETS.get(config.dataset)
+    if info is None:
+        raise ValueError(f"--dataset {config.dataset!r} is not one of {', '.join(sorted(DATASETS))}")
+    if info.metric is None:
+        raise ValueError(
+            f"--dataset {config.dataset!r} has no ground truth to evaluate against; "
+            "label it with jobs/label.py instead"
+        )
+    if config.swap_pairs not in SWAP_PAIRS:
+        raise ValueError(f"--swap_pairs {config.swap_pairs!r} is not one of {sorted(SWAP_PAIRS)}")
+    if config.labels is None and config.artifact is None:
+        raise ValueError("give --labels (Parquet from jobs/label.py) or --artifact (to label the images here)")
+    return info
+
+
+def _write_manifest(config: EvaluateConfig, output: str) -> str:
+    manifest = ManifestConfig(config.dataset, config.root, join_uri(output, MANIFEST_FILE), seed=config.seed)
+    return make_manifest(manifest)
+
+
+def _label(config: EvaluateConfig, manifest_path: str, output: str) -> str:
+    labels = join_uri(output, LABELS_FOLDER)
+    shared = {item.name: getattr(config, item.name) for item in fields(LabelConfig) if hasattr(config, item.name)}
+    run_labelling(LabelConfig(**{**shared, "input": manifest_path, "output": labels}))
+    return labels
+
+
+def _labels_by_uri(labels: str) -> dict[str, dict]:
+    """The label rows (from jobs/label.py) keyed by URI; a URI labelled twice keeps its latest row."""
+    fs, path = fsspec.core.url_to_fs(labels)
+    if not fs.exists(path):
+        raise ValueError(f"--labels {labels!r} does not exist; expected the Parquet output of jobs/label.py")
+    columns = ["uri", "status", "error_cause", "keypoints_xy_normalized", "artifact_id", "labelled_at"]
+    try:
+        table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(columns)
+    except Exception as error:  # pyarrow raises several types for a missing column or a foreign file
+        raise ValueError(f"--labels {labels!r} is not the Parquet output of jobs/label.py: {error}") from error
+    rows = sorted(table.to_pylist(), key=lambda row: row["labelled_at"])
+    return {row["uri"]: row for row in rows}
+
+
+def _split_data(manifest: list[dict], by_uri: dict[str, dict], split: str) -> SplitData:
+    rows, keypoints, landmarks, visible, unlabelled = [], [], [], [], {}
+    for row in manifest:
+        if row["split"] != split:
+            continue
+        label = by_uri.get(absolute_uri(row["uri"]))
+        if label is None or label["status"] != "ok":
+            cause = "not_labelled" if label is None else label["error_cause"] or "error"
+            unlabelled[cause] = unlabelled.get(cause, 0) + 1
+            continue
+        rows.append(row)
+        keypoints.append(label["keypoints_xy_normalized"])
+        landmarks.append(row["landmarks_xy"])
+        visible.append(row["visible"])
+    if not rows:
+        raise ValueError(f"no labelled images in the {split!r} split (left out: {unlabelled or 'none listed'})")
+    landmarks = np.array(landmarks, dtype=np.float64)
+    visible = np.array(visible, dtype=bool) & np.isfinite(landmarks).all(axis=-1)
+    # absent landmarks carry NaN; their value is never used (visible variants), but NaN * 0 is NaN
+    landmarks = np.where(visible[..., None], landmarks, 0.5)
+    return SplitData(rows, np.array(keypoints, dtype=np.float64), landmarks, visible, unlabelled)
+
+
+def _predict(regressor: str, train: SplitData, test: SplitData, pairs) -> np.ndarray:
+    if regressor == "visible":
+        weights = fit_regressor(train.keypoints, train.landmarks, train.visible)
+    elif regressor == "swap":
+        weights, _ = fit_regressor_with_swaps(train.keypoints, train.landmarks, pairs=pairs)
+    else:
+        weights = fit_regressor(train.keypoints, train.landmarks)
+    return predict_landmarks(weights, test.keypoints)
+
+
+def _metric(metric: str, prediction: np.ndarray, test: SplitData, pairs) -> float:
+    if metric == "inter_eye_distance":
+        return inter_eye_distance(prediction, test.landmarks)
+    if metric == "visible":
+        return visible_error(prediction, test.landmarks, test.visible)
+    if metric == "mean_average_error":
+        return mean_average_error(prediction, test.landmarks, test.visible)
+    if metric == "pck":
+        return pck(prediction, test.landmarks)
+    return orientation_invariant_error(prediction, test.landmarks, pairs=pairs)
+
+
+def _metrics_record(config, info, value, train, test, by_uri, manifest_path, labels) -> dict:
+    artifact_ids = sorted({by_uri[absolute_uri(row["uri"])]["artifact_id"] for row in train.rows + test.rows})
+    if len(artifact_ids) > 1:
+        raise ValueError(f"--labels {labels!r} mixes keypoints of several artifacts: {artifact_ids}")
+    metric = METRICS[info.metric]
+    return {
+        "dataset": config.dataset,
+        "metric": info.metric,
+        "description": metric.description,
+        "value": value,
+        "reported": value * metric.reported_scale,
+        "reported_scale": metric.reported_scale,
+        "higher_is_better": metric.higher_is_better,
+        "published": PUBLISHED.get(config.dataset),
+        "regressor": info.regressor,
+        "images": {
+            "train": len(train.rows),
+            "test": len(test.rows),
+            "left_out": {"train": train.unlabelled, "test": test.unlabelled},
+        },
+        "keypoints": int(train.keypoints.shape[1]),
+        "landmarks": int(train.landmarks.shape[1]),
+        "artifact_id": artifact_ids[0],
+        "manifest": manifest_path,
+        "labels": labels,
+        "settings": {key: value for key, value in asdict(config).items() if _is_plain(value)},
+    }
+
+
+def _is_plain(value) -> bool:
+    return value is None or isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _write_metrics(evaluation: Evaluation) -> None:
+    fs, path = fsspec.core.url_to_fs(evaluation.output)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(posixpath.join(path, METRICS_FILE), json.dumps(evaluation.metrics, indent=2).encode())
+    fs.pipe_file(posixpath.join(path, TABLE_FILE), markdown_table(evaluation.metrics).encode())
