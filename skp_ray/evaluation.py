@@ -25,6 +25,7 @@ import fsspec
 import numpy as np
 import pyarrow.dataset as pads
 
+from skp_ray.artifact import load_artifact
 from skp_ray.datasets import DATASETS, ManifestConfig, make_manifest, read_manifest
 from skp_ray.images import DEFAULT_MAX_PIXELS, absolute_uri, join_uri
 from skp_ray.labelling import LabelConfig, run_labelling
@@ -36,6 +37,7 @@ from skp_ray.regression import (
     fit_regressor_with_swaps,
     predict_landmarks,
 )
+from skp_ray.report import REPORT_FILE, write_report
 
 MANIFEST_FILE = "manifest.parquet"
 LABELS_FOLDER = "labels"
@@ -120,8 +122,6 @@ class Evaluation:
 
 def run_evaluation(config: EvaluateConfig) -> Evaluation:
     """Manifest, labels (made when not given), regression and metric, metrics files and the report."""
-    from skp_ray.report import write_report  # pictures are the last step; keep the numeric path light
-
     info = _dataset_info(config)
     output = absolute_uri(config.output)
     manifest_path = config.manifest or _write_manifest(config, output)
@@ -132,10 +132,15 @@ def run_evaluation(config: EvaluateConfig) -> Evaluation:
     prediction = _predict(info.regressor, train, test, SWAP_PAIRS[config.swap_pairs])
     value = _metric(info.metric, prediction, test, SWAP_PAIRS[config.swap_pairs])
     metrics = _metrics_record(config, info, value, train, test, by_uri, manifest_path, labels)
+    if config.artifact is not None and metrics["artifact_id"] != load_artifact(config.artifact).id:
+        raise ValueError(
+            f"the labels in {labels!r} were made with artifact {metrics['artifact_id']}, not with --artifact "
+            f"{config.artifact!r}; evaluate into another --output (or delete those labels)"
+        )
     evaluation = Evaluation(metrics, train, test, prediction, output)
     _write_metrics(evaluation)
     write_report(evaluation, artifact=config.artifact, config=config)
-    print(f"[evaluate] {describe(metrics)}\n[evaluate] report: {join_uri(output, 'report.html')}")
+    print(f"[evaluate] {describe(metrics)}\n[evaluate] report: {join_uri(output, REPORT_FILE)}")
     return evaluation
 
 

@@ -145,6 +145,22 @@ def test_visible_variant_ignores_absent_landmarks_from_a_given_manifest(faces, t
     assert value == pytest.approx((errors * visible[test]).sum(axis=1).mean(), rel=1e-9)
 
 
+def test_labels_of_another_artifact_are_refused(faces, tmp_path):
+    import torch
+
+    from skp_ray.artifact import KeypointArtifact, save_artifact
+
+    rows = faces["rows"]
+    landmarks = np.array([row["landmarks_xy"] for row in rows])
+    labels = fake_labels(tmp_path / "labels", rows, linear_keypoints(landmarks, k=3, seed=1, noise=0.02))
+    artifact = save_artifact(KeypointArtifact(torch.zeros(4, 8), [0, 1, 2], "tiny"), str(tmp_path / "artifact"))
+    config = EvaluateConfig(
+        dataset="samples", root=faces["root"], output=str(tmp_path / "eval"), labels=labels, artifact=artifact
+    )
+    with pytest.raises(ValueError, match="were made with artifact artifact-1"):
+        run_evaluation(config)
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
