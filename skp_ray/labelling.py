@@ -4,7 +4,8 @@ The pipeline, one Ray Data dataset:
 
 1. the driver lists the inputs, drops those that already have a row in the
    output (so a rerun resumes, and a grown bucket labels only its new images);
-2. CPU tasks read and decode each image and resize it to the model's size,
+2. CPU tasks read and decode each image, apply the manifest's mask and crop
+   if it gives them, and resize it to the model's size,
    turning a failure into an error row instead of an exception;
 3. an actor pool (one GPU per actor when GPUs are used) holds the model and
    the artifact, and runs SPEC 1.5 detection per image, the augmentations of
