@@ -132,14 +132,15 @@ def run_evaluation(config: EvaluateConfig) -> Evaluation:
     prediction = _predict(info.regressor, train, test, SWAP_PAIRS[config.swap_pairs])
     value = _metric(info.metric, prediction, test, SWAP_PAIRS[config.swap_pairs])
     metrics = _metrics_record(config, info, value, train, test, by_uri, manifest_path, labels)
-    if config.artifact is not None and metrics["artifact_id"] != load_artifact(config.artifact).id:
+    artifact = load_artifact(config.artifact) if config.artifact is not None else None
+    if artifact is not None and metrics["artifact_id"] != artifact.id:
         raise ValueError(
             f"the labels in {labels!r} were made with artifact {metrics['artifact_id']}, not with --artifact "
             f"{config.artifact!r}; evaluate into another --output (or delete those labels)"
         )
     evaluation = Evaluation(metrics, train, test, prediction, output)
     _write_metrics(evaluation)
-    write_report(evaluation, artifact=config.artifact, config=config)
+    write_report(evaluation, artifact=artifact, config=config)
     print(f"[evaluate] {describe(metrics)}\n[evaluate] report: {join_uri(output, REPORT_FILE)}")
     return evaluation
 

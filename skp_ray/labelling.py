@@ -38,9 +38,9 @@ import ray
 import ray.data
 import torch
 
-from skp_ray.artifact import load_artifact
+from skp_ray.artifact import KeypointArtifact, load_artifact
 from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import DTYPES, load_diffusion, model_location
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, model_location
 from skp_ray.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
@@ -259,6 +259,17 @@ def detection_generator(seed: int, image: str) -> torch.Generator:
     return keyed_generator(seed, "detect", image)
 
 
+def load_artifact_model(artifact: KeypointArtifact, *, model: str | None, dtype: str, device: str) -> Diffusion:
+    """The model the artifact was learned with (at its revision), or ``model`` instead; no text encoder."""
+    return load_diffusion(
+        model_location(model or artifact.model),
+        dtype=DTYPES[dtype],
+        device=device,
+        revision=artifact.revision if model is None else None,
+        text_encoder=False,
+    )
+
+
 class KeypointDetector:
     """A Ray Data actor: loads the model and artifact once, then labels batches of decoded images."""
 
@@ -266,13 +277,7 @@ class KeypointDetector:
         artifact = load_artifact(config.artifact)
         self.model = config.model or artifact.model
         device = "cuda" if config.use_gpu else "cpu"
-        self.diffusion = load_diffusion(
-            model_location(self.model),
-            dtype=DTYPES[config.dtype],
-            device=device,
-            revision=artifact.revision if config.model is None else None,
-            text_encoder=False,
-        )
+        self.diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=device)
         self.context = artifact.context.to(device)
         self.indices = artifact.token_indices
         self.options = detection_options(artifact.settings)

@@ -24,11 +24,10 @@ import ray
 import torch
 from PIL import Image
 
-from skp_ray.artifact import load_artifact
+from skp_ray.artifact import KeypointArtifact
 from skp_ray.attention import attention_maps
-from skp_ray.diffusion import DTYPES, load_diffusion, model_location
 from skp_ray.images import ImageSource, read_source, resize_batch, to_tensor
-from skp_ray.labelling import DEFAULT_IMAGE_SIZE, detection_options
+from skp_ray.labelling import DEFAULT_IMAGE_SIZE, detection_options, load_artifact_model
 from skp_ray.plotting import draw_keypoints, heatmap_overlay, image_grid, landmark_comparison, line_plot
 from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import connect, use_gpus
@@ -41,7 +40,7 @@ GRID_COLUMNS = 4
 _MAP_OPTIONS = ("layers", "noise_level", "feature_upsample_res", "image_size")
 
 
-def write_report(evaluation, *, artifact: str | None, config) -> dict[str, str]:
+def write_report(evaluation, *, artifact: KeypointArtifact | None, config) -> dict[str, str]:
     """Write the pictures and report.html into the evaluation's output; returns picture name -> file name."""
     count = min(config.report_images, len(evaluation.test.rows))
     views = _views(evaluation.test.rows[:count])
@@ -53,12 +52,11 @@ def write_report(evaluation, *, artifact: str | None, config) -> dict[str, str]:
         ),
     }
     if artifact is not None:
-        loaded = load_artifact(artifact)
         pictures["Attention map of each keypoint (one row per keypoint)"] = (
             "attention.png",
-            _attention_strips(loaded, views, evaluation.test.keypoints, config),
+            _attention_strips(artifact, views, evaluation.test.keypoints, config),
         )
-        pictures["Discovery loss"] = ("loss.png", line_plot(loaded.loss_history, title="discovery loss per step"))
+        pictures["Discovery loss"] = ("loss.png", line_plot(artifact.loss_history, title="discovery loss per step"))
     files = {title: name for title, (name, _) in pictures.items()}
     fs, folder = fsspec.core.url_to_fs(evaluation.output)
     for name, picture in pictures.values():
@@ -122,21 +120,15 @@ def _token_maps(artifact, views: torch.Tensor, config) -> torch.Tensor:
 
 
 def _maps_on_device(artifact, views: torch.Tensor, config, device: str) -> torch.Tensor:
-    diffusion = load_diffusion(
-        model_location(config.model or artifact.model),
-        dtype=DTYPES[config.dtype],
-        device=device,
-        revision=artifact.revision if config.model is None else None,
-        text_encoder=False,
-    )
+    diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=device)
     options = {key: value for key, value in detection_options(artifact.settings).items() if key in _MAP_OPTIONS}
     size = options.get("image_size") or DEFAULT_IMAGE_SIZE
+    context = artifact.context.to(device)
     maps = []
     with torch.no_grad():
         for i, view in enumerate(views):
             generator = keyed_generator(config.seed, "report-maps", i)
             image = resize_batch(view[None], size).to(device)
-            context = artifact.context.to(device)
             maps.append(
                 attention_maps(
                     diffusion, image, context, token_indices=artifact.token_indices, generator=generator, **options

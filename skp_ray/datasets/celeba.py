@@ -11,7 +11,7 @@ import os
 
 import pyarrow as pa
 
-from skp_ray.datasets.manifest import DatasetError, image_size, manifest_table, require_file
+from skp_ray.datasets.manifest import DatasetError, image_size, manifest_table, read_lines, require_file
 
 __all__ = ["build_celeba_aligned", "build_celeba_wild"]
 
@@ -75,11 +75,7 @@ def _read_split(path: str, row_count: int) -> list[tuple[str, int]]:
 
 def _read_numbers_table(path: str, value_count: int) -> list[list[float]]:
     """The rows of a CelebA annotation file: a count line, a column-name line, then ``name v1 ... vN`` lines."""
-    require_file(path, f"a CelebA annotation file (count line, header line, then name and {value_count} numbers)")
-    with open(path) as f:
-        lines = f.read().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = read_lines(path, f"a CelebA annotation file (count line, header line, then name and {value_count} numbers)")
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise DatasetError(f"{path}, line 1: expected the number of images, then a line of column names")
     rows = [_parse_numbers_line(path, line_number, line, value_count) for line_number, line in enumerate(lines[2:], 3)]

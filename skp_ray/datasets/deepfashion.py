@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from skp_ray.datasets.manifest import DatasetError, manifest_table, require_file
+from skp_ray.datasets.manifest import DatasetError, manifest_table, read_lines, require_file
 
 __all__ = ["build_deepfashion"]
 
@@ -45,11 +45,7 @@ def build_deepfashion(root: str, *, seed: int = 0, workdir: str | None = None) -
 
 def _read_file_names(path: str) -> list[str]:
     """The second comma-separated field of every line after the header."""
-    require_file(path, "a CSV file with a header line, then one row per image, file name in the second field")
-    with open(path) as f:
-        lines = f.read().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = read_lines(path, "a CSV file with a header line, then one row per image, file name in the second field")
     names = []
     for line_number, line in enumerate(lines[1:], start=2):
         fields = line.split(",")

@@ -33,6 +33,7 @@ __all__ = [
     "DatasetError",
     "image_size",
     "manifest_table",
+    "read_lines",
     "read_manifest",
     "require_file",
     "write_manifest",
@@ -65,6 +66,17 @@ def require_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: missing file; expected {what}")
     return path
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """The lines of the text file ``path`` (which must exist: ``what`` says what it should be), without
+    trailing blank lines."""
+    require_file(path, what)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
 
 
 def image_size(path: str) -> tuple[int, int]:
