@@ -5,14 +5,21 @@
         --input s3://bucket/images/ --output s3://bucket/labels/ --actors 1,8 --use-gpu --dtype float16
 
 Rerunning with the same --output labels only the images that have no row yet,
-so an interrupted run resumes and a grown bucket labels only its new images.
-Settings can also come from a YAML file (--config), flags overriding it.
+so an interrupted run resumes and a grown bucket labels only its new images
+(--retry_errors also relabels the images whose only rows are errors). One run
+writes to an --output at a time. The run exits non-zero when every image it
+tried failed, or more than --max_error_fraction of them, after writing its rows
+and its summary (<output>/_summary/<run id>.json). Settings can also come from
+a YAML file (--config), flags overriding it.
 """
 
 import sys
 
 from skp_ray.config import parse_settings
-from skp_ray.labelling import LabelConfig, run_labelling
+from skp_ray.labelling import LabelConfig, LabellingFailed, run_labelling
 
 if __name__ == "__main__":
-    run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
+    try:
+        run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
+    except LabellingFailed as failure:
+        sys.exit(str(failure))

@@ -110,7 +110,7 @@ def load_artifact(folder: str) -> KeypointArtifact:
     record = json.loads(fs.cat_file(record_path))
     if record.get("format") != FORMAT:
         raise ValueError(f"{record_path!r} has format {record.get('format')!r}; this version reads {FORMAT!r}")
-    context = load_safetensors(fs.cat_file(posixpath.join(path, CONTEXT_FILE)))["context"]
+    context = _read_context(fs, posixpath.join(path, CONTEXT_FILE), folder)
     artifact = KeypointArtifact(
         context=context,
         token_indices=record["token_indices"],
@@ -126,6 +126,23 @@ def load_artifact(folder: str) -> KeypointArtifact:
             f"but {ARTIFACT_FILE} records {record['content_hash']}"
         )
     return artifact
+
+
+def _read_context(fs, context_path: str, folder: str) -> torch.Tensor:
+    """The context tensor of ``context.safetensors``; a missing or damaged file is named in the error."""
+    try:
+        data = fs.cat_file(context_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the artifact at {folder!r} is damaged: {context_path} is missing; copy the whole artifact folder again"
+        ) from None
+    try:
+        return load_safetensors(data)["context"]
+    except Exception as error:  # safetensors raises its own error types for garbage bytes; KeyError for no key
+        raise ValueError(
+            f"the artifact at {folder!r} is damaged: {context_path} is not a safetensors file with a 'context' "
+            f"tensor ({type(error).__name__}: {error}); copy the whole artifact folder again"
+        ) from None
 
 
 def _check_indices(indices: list[int], num_tokens: int, folder: str) -> None:

@@ -260,7 +260,7 @@ def _check_images(images: torch.Tensor) -> None:
     low, high = float(images.min()), float(images.max())
     if low < 0 or high > 1:
         raise ValueError(
-            f"images must lie in [0, 1]; got values in [{low:.3g}, {high:.3g}] "
+            f"images must lie in [0, 1]; got values in [{low!r}, {high!r}] "
             "(map [-1, 1] inputs with (x + 1) / 2, uint8 with x / 255)."
         )
 

@@ -44,7 +44,7 @@ def _required(field: dataclasses.Field) -> bool:
 
 
 def read_settings_file(uri: str, cls: type) -> dict:
-    """The settings in a YAML file (local or fsspec URL), checked against the fields of ``cls``."""
+    """The settings in a YAML file (local or fsspec URL), checked against the fields of ``cls`` and typed."""
     try:
         with fsspec.open(uri, "r") as f:
             settings = yaml.safe_load(f) or {}
@@ -59,13 +59,113 @@ def read_settings_file(uri: str, cls: type) -> dict:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"config file {uri!r} has unknown option(s) {unknown}; known options: {sorted(known)}")
-    return {key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()}
+    return typed_settings(cls, settings, origin=f"config file {uri!r}")
+
+
+def typed_settings(cls: type, settings: dict, *, origin: str = "settings") -> dict:
+    """``settings`` with each value converted to its field's type, or a ValueError naming the key.
+
+    YAML reads ``5e-3`` as a string and ``0 1 2`` as one string: both are
+    accepted (as 0.005 and (0, 1, 2)); a value that is not of the field's type
+    is refused here, on the driver, rather than in the workers.
+    """
+    hints = typing.get_type_hints(cls)
+    problems, typed = [], {}
+    for key, value in settings.items():
+        try:
+            typed[key] = _typed(value, hints[key])
+        except (TypeError, ValueError) as error:
+            problems.append(f"{key}: {error}")
+    if problems:
+        raise ValueError(f"{origin}: " + "; ".join(problems))
+    return typed
+
+
+def checked(config):
+    """The dataclass ``config`` with every field converted to its declared type (see ``typed_settings``)."""
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    return dataclasses.replace(config, **typed_settings(type(config), values))
+
+
+def _typed(value, hint):
+    if value is None:
+        if _without_none(hint) is hint and hint is not type(None):
+            raise ValueError("a value is required, got nothing (null)")
+        return None
+    hint = _without_none(hint)
+    if typing.get_origin(hint) is tuple:
+        return _typed_tuple(value, typing.get_args(hint))
+    if hint is bool:
+        return _typed_bool(value)
+    if hint is int:
+        return _typed_int(value)
+    if hint is float:
+        return _typed_float(value)
+    if hint is str:
+        if isinstance(value, (bool, list, tuple, dict)):
+            raise ValueError(f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _typed_tuple(value, args: tuple) -> tuple:
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    items = list(items) if isinstance(items, (list, tuple)) else [items]
+    if args[-1] is Ellipsis:
+        element_types = [args[0]] * len(items)
+    elif len(items) != len(args):
+        raise ValueError(f"expected {len(args)} values, got {value!r}")
+    else:
+        element_types = list(args)
+    return tuple(_typed(item, element_type) for item, element_type in zip(items, element_types))
+
+
+def _typed_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if isinstance(value, (str, int)) and str(value).strip().lower() in words:
+        return words[str(value).strip().lower()]
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _typed_int(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        if isinstance(number, int):
+            return number
+    except ValueError:
+        pass
+    raise ValueError(f"expected a whole number, got {value!r}")
+
+
+def _typed_float(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def option(default=dataclasses.MISSING, help: str = "") -> dataclasses.Field:
+    """A settings field with the text ``--help`` shows for it (no default: the option is required)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, hint) -> None:
     names = dict.fromkeys([f"--{field.name}", f"--{field.name.replace('_', '-')}"])
-    default = field.default if field.default is not dataclasses.MISSING else None
-    options = dict(dest=field.name, default=argparse.SUPPRESS, help=f"default: {default}")
+    text = field.metadata.get("help", "")
+    if _required(field):
+        text += " (required)"
+    elif field.default is not None:  # a None default is described in the help text itself
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        text += f" (default: {default})"
+    options = dict(dest=field.name, default=argparse.SUPPRESS, help=text.strip())
     hint = _without_none(hint)
     if hint is bool:
         options["action"] = argparse.BooleanOptionalAction

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from skp_ray.attention import attention_maps
 from skp_ray.diffusion import Diffusion
 from skp_ray.geometry import random_affine, unwarp, warp
-from skp_ray.heatmaps import argmax_centres
+from skp_ray.heatmaps import argmax_centres, check_peak_disc
 from skp_ray.images import resize_batch
 from skp_ray.selection import token_pick_counts, top_voted_tokens
 
@@ -27,6 +27,7 @@ def count_token_picks(
     furthest_point_num_samples: int = 25,
     sigma: float = 2.0,
     num_subjects: int = 1,
+    peak_disc: str = "centred",
     batch_size: int = 4,
     generator: torch.Generator | None = None,
     **map_options,
@@ -34,7 +35,9 @@ def count_token_picks(
     """How often each token is picked [T] over untransformed images: 25 lowest-KL, then FPS to top_k.
 
     Counts from disjoint image sets add up, so workers can count shards and sum.
+    ``num_subjects`` and ``peak_disc``: see :func:`skp_ray.heatmaps.find_peaks`.
     """
+    check_peak_disc(peak_disc)  # before the UNet runs
     counts = torch.zeros(len(context), dtype=torch.long)
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
@@ -45,6 +48,7 @@ def count_token_picks(
                 furthest_point_num_samples=furthest_point_num_samples,
                 sigma=sigma,
                 num_subjects=num_subjects,
+                peak_disc=peak_disc,
             )
     return counts
 
@@ -69,6 +73,7 @@ def detect_keypoints(
     *,
     augmentation_iterations: int = 10,
     thetas: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     weighted_avg: bool = False,
     degrees: float = 15.0,
@@ -84,7 +89,9 @@ def detect_keypoints(
     ``augmentation_iterations`` random affine copies run as one batch; their
     maps (softmax over all tokens, then the K chosen ones) are resized to the
     image side, inverse-warped and averaged over the copies that see each
-    pixel. ``thetas`` [B, A, 2, 3] replaces the random draws.
+    pixel. ``thetas`` [B, A, 2, 3] replaces the random transforms and
+    ``noise`` [B, A, C, h, w] (each copy's latent noise) the random noise, so
+    that a run can be replayed exactly.
     """
     size = image_size or diffusion.image_size
     indices = torch.as_tensor(indices, dtype=torch.long)
@@ -101,22 +108,46 @@ def detect_keypoints(
         ).unflatten(0, (len(images), augmentation_iterations))
     elif thetas.ndim != 4 or thetas.shape[0] != len(images) or thetas.shape[2:] != (2, 3):
         raise ValueError(f"thetas must be [B={len(images)}, A, 2, 3]; got {tuple(thetas.shape)}.")
+    if noise is not None:
+        _check_noise(noise, diffusion, thetas.shape[:2], size)
+    noises = noise if noise is not None else [None] * len(images)
 
     keypoints, peaks = [], []
     with torch.no_grad():
-        for image, image_thetas in zip(images, thetas):
-            averaged = _augmented_maps(diffusion, image, context, indices, image_thetas, size, generator, map_options)
+        for image, image_thetas, image_noise in zip(images, thetas, noises):
+            averaged = _augmented_maps(
+                diffusion, image, context, indices, image_thetas, image_noise, size, generator, map_options
+            )
             image_keypoints, image_peaks = _locate(averaged.cpu(), weighted_avg)
             keypoints.append(image_keypoints)
             peaks.append(image_peaks)
     return torch.stack(keypoints), torch.stack(peaks)
 
 
-def _augmented_maps(diffusion, image, context, indices, thetas, size, generator, map_options) -> torch.Tensor:
+def _check_noise(noise: torch.Tensor, diffusion: Diffusion, images_and_copies: torch.Size, size: int) -> None:
+    side = size // diffusion.vae_scale_factor
+    expected = (*images_and_copies, diffusion.unet.config.in_channels, side, side)
+    if tuple(noise.shape) != expected:
+        raise ValueError(
+            f"noise must be [B, A, C, h, w] = {list(expected)} (images, augmentations, latent channels, "
+            f"latent side); got {list(noise.shape)}."
+        )
+
+
+def _augmented_maps(diffusion, image, context, indices, thetas, noise, size, generator, map_options) -> torch.Tensor:
     """The chosen tokens' maps [K, size, size], averaged over augmentations in the image frame."""
     thetas = thetas.to(device=image.device, dtype=image.dtype)
     copies = warp(image.expand(len(thetas), -1, -1, -1), thetas).clamp(0, 1)
-    maps = attention_maps(diffusion, copies, context, token_indices=indices, generator=generator, image_size=size, **map_options)
+    maps = attention_maps(
+        diffusion,
+        copies,
+        context,
+        token_indices=indices,
+        noise=noise,
+        generator=generator,
+        image_size=size,
+        **map_options,
+    )
     maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
     thetas = thetas.to(maps)
     total = unwarp(maps, thetas).sum(dim=0)

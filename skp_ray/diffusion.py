@@ -87,29 +87,60 @@ def load_diffusion(
     so a model that cannot be had fails at once with one clear error.
     """
     source = _model_source(model)
-    if local_files_only is None:
-        from huggingface_hub import constants
-
-        local_files_only = bool(constants.HF_HUB_OFFLINE)
-    hub = dict(revision=revision, token=os.environ.get("HF_TOKEN") or None)
-    try:
-        parts = _load_parts(source, dtype, text_encoder, hub, local_files_only=True)
-    except (OSError, ValueError) as error:
-        if Path(source).is_dir() or local_files_only:
-            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
-        problem = _hub_problem(source, hub)
-        if problem is not None:
-            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, problem)) from None
-        parts = _load_parts(source, dtype, text_encoder, hub, local_files_only=False)
-
+    parts = _from_folder_cache_or_hub(
+        model, revision, local_files_only, lambda hub: _load_parts(source, dtype, text_encoder, hub)
+    )
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device).eval().requires_grad_(False)
     return Diffusion(model_id=str(model), revision=revision, **parts)
 
 
-def _load_parts(source: str, dtype: torch.dtype, text_encoder: bool, hub: dict, *, local_files_only: bool) -> dict:
-    hub = dict(hub, local_files_only=local_files_only)
+def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> None:
+    """Raise ModelNotFoundError, as ``load_diffusion`` would, if the model cannot be had; loads no weights.
+
+    Jobs call it on the driver so that a wrong ``--model`` fails once, at once,
+    instead of in every worker. Reads the pipeline's configs (from the folder,
+    the cache, or the hub) and, for a local folder, checks that the UNet's and
+    the VAE's weight files are there.
+    """
+    source = _model_source(model)
+    _from_folder_cache_or_hub(model, revision, local_files_only, lambda hub: _read_configs(source, hub))
+    if Path(source).is_dir():
+        for part in ("unet", "vae"):
+            if not any(Path(source, part).glob("diffusion_pytorch_model*")):
+                missing = FileNotFoundError(f"{part}/ holds no diffusion_pytorch_model weights")
+                raise ModelNotFoundError(_not_found_message(str(model), True, missing))
+
+
+def _from_folder_cache_or_hub(model, revision: str | None, local_files_only: bool | None, read):
+    """``read(hub options)`` from the folder or the Hugging Face cache; failing that (unless offline),
+    after one quick question to the hub, from the hub. Every failure is one ModelNotFoundError."""
+    source = _model_source(model)
+    if local_files_only is None:
+        from huggingface_hub import constants
+
+        local_files_only = bool(constants.HF_HUB_OFFLINE)
+    hub = dict(revision=revision, token=os.environ.get("HF_TOKEN") or None)
+    try:
+        return read(dict(hub, local_files_only=True))
+    except (OSError, ValueError) as error:
+        if Path(source).is_dir() or local_files_only:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
+        problem = _hub_problem(source, hub)
+        if problem is not None:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, problem)) from None
+        return read(dict(hub, local_files_only=False))
+
+
+def _read_configs(source: str, hub: dict) -> None:
+    DiffusionPipeline.load_config(source, **hub)
+    UNet2DConditionModel.load_config(source, subfolder="unet", **hub)
+    AutoencoderKL.load_config(source, subfolder="vae", **hub)
+    DDIMScheduler.load_config(source, subfolder="scheduler", **hub)
+
+
+def _load_parts(source: str, dtype: torch.dtype, text_encoder: bool, hub: dict) -> dict:
     index = DiffusionPipeline.load_config(source, **hub)
     parts = dict(
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **hub),

@@ -47,23 +47,24 @@ from safetensors.torch import load_file, save_file
 from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
 from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
-from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, load_diffusion, model_location
+from skp_ray.config import checked, option
+from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, check_model, load_diffusion, model_location
 from skp_ray.geometry import random_affine
+from skp_ray.heatmaps import PEAK_DISCS
 from skp_ray.images import (
+    ALPHA_MODES,
     ImageReadError,
     ImageSource,
     absolute_source,
     absolute_uri,
     join_uri,
     list_sources,
-    read_source,
-    resize_batch,
-    to_tensor,
+    load_source,
 )
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.randomness import keyed_generator
-from skp_ray.ray_cluster import connect, use_gpus
+from skp_ray.ray_cluster import connect, use_gpus, wait_for_gpus
 from skp_ray.samples import write_sample_images
 from skp_ray.selection import top_voted_tokens
 
@@ -81,7 +82,7 @@ RUN_SETTINGS_FILE = "run-settings.json"
 RESUME_KEYS = (
     "num_tokens", "lr", "batch_size", "top_k", "furthest_point_num_samples", "sigma", "layers", "noise_level",
     "feature_upsample_res", "augment_degrees", "augment_scale", "augment_translate", "sharpening_loss_weight",
-    "equivariance_attn_loss_weight", "num_subjects", "model", "revision", "data", "split", "num_workers", "dtype",
+    "equivariance_attn_loss_weight", "num_subjects", "peak_disc", "model", "revision", "data", "split", "num_workers", "dtype",
     "seed", "image_size",
 )  # fmt: skip
 
@@ -89,41 +90,44 @@ RESUME_KEYS = (
 @dataclass
 class DiscoveryConfig:
     # The published method's settings (SPEC 1.3, 1.4), under its names and defaults.
-    num_steps: int = 500
-    num_tokens: int = 500
-    lr: float = 5e-3
-    batch_size: int = 4
-    top_k: int = 10
-    furthest_point_num_samples: int = 25
-    sigma: float = 2.0
-    layers: tuple[int, ...] = (0, 1, 2, 3)
-    noise_level: int = -1
-    feature_upsample_res: int = 128
-    augment_degrees: float = 15.0
-    augment_scale: tuple[float, float] = (0.8, 1.0)
-    augment_translate: tuple[float, float] = (0.25, 0.25)
-    sharpening_loss_weight: float = 100.0
-    equivariance_attn_loss_weight: float = 1000.0
-    num_indices: int = 100
-    num_subjects: int = 1
+    num_steps: int = option(500, "optimiser steps (SPEC 1.3)")
+    num_tokens: int = option(500, "tokens in the learned context")
+    lr: float = option(5e-3, "Adam learning rate")
+    batch_size: int = option(4, "images per optimiser step, split evenly over the workers")
+    top_k: int = option(10, "keypoints: tokens picked per image and voted (SPEC 1.4)")
+    furthest_point_num_samples: int = option(25, "lowest-KL candidates that furthest point sampling picks from")
+    sigma: float = option(2.0, "Gaussian target's standard deviation, in pixels of the map")
+    layers: tuple[int, ...] = option((0, 1, 2, 3), "captured cross attention layers (indices into the list of up block layers)")
+    noise_level: int = option(-1, "index into the 50 DDIM timesteps; -1 is t = 0")
+    feature_upsample_res: int = option(128, "side of the attention maps")
+    augment_degrees: float = option(15.0, "random rotation, +- degrees")
+    augment_scale: tuple[float, float] = option((0.8, 1.0), "random scale range")
+    augment_translate: tuple[float, float] = option((0.25, 0.25), "random translation, fraction of the half-side")
+    sharpening_loss_weight: float = option(100.0, "weight of the sharpening loss")
+    equivariance_attn_loss_weight: float = option(1000.0, "weight of the equivariance loss")
+    num_indices: int = option(100, "images that vote for the keypoint tokens")
+    num_subjects: int = option(1, "peaks per map in the sharpening target")
+    peak_disc: str = option("centred", "with num_subjects > 1, the disc cleared around a peak: centred or published")
     # Where and how it runs.
-    model: str | None = None  # hub id or folder; None: the embedded tiny model
-    revision: str | None = None
-    data: str | None = None  # folder, s3:// or gs:// prefix, or manifest; None: rendered sample images
-    split: str | None = None  # with a dataset manifest: learn from this split only (e.g. "train")
-    output: str = "outputs"  # local folder or object-storage URI; the artifact goes to <output>/<name>
-    name: str | None = None  # a rerun with the same name resumes; None: discover-<time>
-    num_workers: int = 1
-    use_gpu: bool | None = None  # None: use GPUs if the cluster has them
-    cpus_per_worker: float = 1.0
-    dtype: str = "float32"
-    seed: int = 0
-    image_size: int | None = None  # None: the model's own (512 for SD 1.5)
-    checkpoint_every: int = 50
-    max_failures: int = 3
-    log_every: int = 10
-    preview_images: int = 4  # images drawn with their keypoints in keypoints.png
-    augmentation_iterations: int = 10  # test-time augmentations for those keypoints (SPEC 1.5)
+    model: str | None = option(None, "hub id or folder of a diffusers pipeline; default: the embedded tiny model")
+    revision: str | None = option(None, "hub revision of --model")
+    data: str | None = option(None, "folder, s3:// or gs:// prefix, glob or manifest; default: rendered samples")
+    split: str | None = option(None, "with a dataset manifest: learn from this split only (e.g. train)")
+    output: str = option("outputs", "local folder or object-storage URI; the artifact goes to <output>/<name>")
+    name: str | None = option(None, "run name; a rerun with the same name resumes (default: discover-<time>)")
+    num_workers: int = option(1, "Ray Train workers")
+    use_gpu: bool | None = option(None, "one GPU per worker; default: GPUs if the cluster has them")
+    cpus_per_worker: float = option(1.0, "CPUs per worker")
+    dtype: str = option("float32", "model weights: float32, float16 or bfloat16 (the context stays float32)")
+    seed: int = option(0, "every random draw derives from it")
+    image_size: int | None = option(None, "side the images are resized to; default: the model's (512 for SD 1.5)")
+    alpha: str = option("white", "transparency: 'white' composites onto white, 'drop' discards it (published)")
+    checkpoint_every: int = option(50, "checkpoint interval in steps")
+    max_failures: int = option(3, "worker-group restarts Ray Train may make")
+    log_every: int = option(10, "progress line interval in steps")
+    gpu_wait_s: float = option(300.0, "with --use-gpu, how long to wait for the workers' GPUs before giving up")
+    preview_images: int = option(4, "images drawn with their keypoints in keypoints.png")
+    augmentation_iterations: int = option(10, "test-time augmentations for those keypoints (SPEC 1.5)")
 
 
 # With no --model the job runs the embedded default: a small run that finishes in about a minute on a laptop.
@@ -157,6 +161,7 @@ def run_discovery(
     ``on_step(rank, step, record)`` runs on every worker after every step.
     Joins the Ray cluster that ``RAY_ADDRESS`` names, or starts a local one.
     """
+    config = checked(config)
     _check_config(config)
     name = config.name or time.strftime("discover-%Y%m%d-%H%M%S")
     folder = join_uri(config.output, name)
@@ -169,11 +174,15 @@ def run_discovery(
         raise ValueError(
             f"--data {config.data!r} holds {len(sources)} images; --batch_size {config.batch_size} needs more"
         )
-    _claim_run_folder(config, folder)
-    print(f"[discover] {len(sources)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
+    _check_readable(config, sources)
+    check_model(model_location(config.model), revision=config.revision)
 
     connect()
     config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
+    if config.use_gpu:
+        wait_for_gpus(config.num_workers, timeout_s=config.gpu_wait_s, what=f"{config.num_workers} discovery worker(s)")
+    _claim_run_folder(config, folder)  # only once every check has passed, so a refused run leaves --name free
+    print(f"[discover] {len(sources)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": dataclasses.asdict(config), "sources": sources, "on_step": on_step},
@@ -205,6 +214,10 @@ def _check_config(config: DiscoveryConfig) -> None:
         )
     if config.dtype not in DTYPES:
         problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    if config.alpha not in ALPHA_MODES:
+        problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
+    if config.peak_disc not in PEAK_DISCS:
+        problems.append(f"--peak_disc {config.peak_disc!r} is not one of {list(PEAK_DISCS)}")
     for key in ("num_steps", "num_tokens", "batch_size", "top_k", "num_indices", "checkpoint_every", "log_every"):
         if getattr(config, key) < 1:
             problems.append(f"--{key} must be at least 1 (got {getattr(config, key)})")
@@ -215,6 +228,30 @@ def _check_config(config: DiscoveryConfig) -> None:
         )
     if problems:
         raise ValueError("invalid discovery settings: " + "; ".join(problems))
+
+
+def _check_readable(config: DiscoveryConfig, sources: list[ImageSource]) -> None:
+    """Refuse, on the driver, a --data that does not hold a batch of readable images.
+
+    Images are read in order until ``batch_size`` of them decode; unreadable
+    ones are counted by cause. A corpus that is mostly readable costs a few reads.
+    """
+    readable, skipped, examples = 0, Counter(), []
+    for source in sources:
+        try:
+            load_source(source, alpha=config.alpha)
+        except ImageReadError as error:
+            skipped[error.cause] += 1
+            examples.append(str(error))
+            continue
+        readable += 1
+        if readable == config.batch_size:
+            return
+    raise ValueError(
+        f"--data {config.data or 'the sample images'!r}: only {readable} of {len(sources)} images can be read "
+        f"(--batch_size {config.batch_size} needs at least that many); unreadable by cause: {dict(skipped)}; "
+        f"first: {examples[0] if examples else 'none'}"
+    )
 
 
 def _image_sources(config: DiscoveryConfig) -> list[ImageSource]:
@@ -266,7 +303,7 @@ def _train_worker(loop_config: dict) -> None:
         text_encoder=False,
     )
     image_size = config.image_size or diffusion.image_size
-    shard = _read_shard(loop_config["sources"], rank, world, image_size)
+    shard = _read_shard(loop_config["sources"], rank, world, image_size, config.alpha)
     state = _restore(config, diffusion) or _fresh_state(config, diffusion)
     if rank == 0 and state.step:
         logger.info("[discover] resuming from the checkpoint at step %d", state.step)
@@ -309,22 +346,24 @@ def _train_worker(loop_config: dict) -> None:
 class _Shard:
     indices: list[int]  # global image indices, in list order
     images: torch.Tensor  # [n, 3, S, S] float in [0, 1]
+    sizes: list[tuple[int, int]]  # (height, width) of what each image showed the model, before resizing
     skipped: Counter  # cause -> count
 
 
-def _read_shard(sources: list[ImageSource], rank: int, world: int, image_size: int) -> _Shard:
-    indices, images, skipped = [], [], Counter()
+def _read_shard(sources: list[ImageSource], rank: int, world: int, image_size: int, alpha: str) -> _Shard:
+    indices, images, sizes, skipped = [], [], [], Counter()
     for index in range(rank, len(sources), world):
         try:
-            image = to_tensor(read_source(sources[index])[0])[None]
+            loaded = load_source(sources[index], size=image_size, alpha=alpha)
         except ImageReadError as error:
             skipped[error.cause] += 1
             logger.warning("[discover] skipping %s", error)
             continue
         indices.append(index)
-        images.append(resize_batch(image, image_size))
-    stacked = torch.cat(images) if images else torch.empty(0, 3, image_size, image_size)
-    return _Shard(indices, stacked, skipped)
+        images.append(loaded.pixels)
+        sizes.append(loaded.frame_size)
+    stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+    return _Shard(indices, stacked, sizes, skipped)
 
 
 @dataclass
@@ -359,6 +398,7 @@ def _optimizer_step(config, diffusion: Diffusion, shard: _Shard, picked: list[in
         furthest_point_num_samples=config.furthest_point_num_samples,
         sigma=config.sigma,
         num_subjects=config.num_subjects,
+        peak_disc=config.peak_disc,
         sharpening_loss_weight=config.sharpening_loss_weight,
         equivariance_attn_loss_weight=config.equivariance_attn_loss_weight,
         **_map_options(config, size),
@@ -399,6 +439,7 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
             furthest_point_num_samples=config.furthest_point_num_samples,
             sigma=config.sigma,
             num_subjects=config.num_subjects,
+            peak_disc=config.peak_disc,
             batch_size=len(chunk),
             noise=torch.stack(noise),
             **_map_options(config, size),
@@ -461,7 +502,7 @@ def _preview(config, diffusion: Diffusion, shard: _Shard, state: _State) -> byte
         maps = attention_maps(
             diffusion, images[:1], context, token_indices=state.token_indices, generator=generator, **options
         )[0]
-    return _png(keypoint_sheet(images.cpu(), keypoints.cpu(), maps.cpu()))
+    return _png(keypoint_sheet(images.cpu(), keypoints.cpu(), maps.cpu(), sizes=shard.sizes[:count]))
 
 
 # --- checkpoints ----------------------------------------------------------------------------

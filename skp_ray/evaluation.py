@@ -3,10 +3,11 @@
 The way through:
 
 1. the dataset adapter writes the manifest (``<output>/manifest.parquet``);
-2. without ``--labels``, the labelling pipeline labels every manifest image with
-   the artifact (``<output>/labels``; a rerun resumes);
+2. without ``--labels``, the labelling pipeline labels the images of the dataset's
+   fitting and test splits with the artifact (``<output>/labels``; a rerun resumes);
 3. the labels are joined to the manifest by URI; the regressor is fitted on the
-   train split's keypoints and applied to the test split;
+   fitting split's keypoints (``DatasetInfo.fit_split``: "train", or
+   "regression_train" for Tai-Chi) and applied to the test split;
 4. ``metrics.json``, ``metrics.md`` and the report (``report.html`` with its
    pictures) are written to ``<output>``.
 
@@ -23,11 +24,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 import fsspec
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from skp_ray.artifact import load_artifact
-from skp_ray.datasets import DATASETS, ManifestConfig, make_manifest, read_manifest
+from skp_ray.config import option
+from skp_ray.datasets import DATASETS, ManifestConfig, make_manifest, read_manifest, write_manifest
 from skp_ray.images import DEFAULT_MAX_PIXELS, absolute_uri, join_uri
+from skp_ray.label_store import read_labels
 from skp_ray.labelling import LabelConfig, run_labelling
 from skp_ray.metrics import inter_eye_distance, mean_average_error, orientation_invariant_error, pck, visible_error
 from skp_ray.regression import (
@@ -40,6 +44,7 @@ from skp_ray.regression import (
 from skp_ray.report import REPORT_FILE, write_report
 
 MANIFEST_FILE = "manifest.parquet"
+EVALUATED_MANIFEST_FILE = "manifest_evaluated.parquet"  # the rows of the fitting and test splits, when not all
 LABELS_FOLDER = "labels"
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.md"
@@ -79,25 +84,25 @@ PUBLISHED = {
 
 @dataclass
 class EvaluateConfig:
-    dataset: str  # a name in skp_ray.datasets.DATASETS
-    root: str  # the dataset's folder, as distributed
-    output: str  # folder for the manifest, labels, metrics and report
-    labels: str | None = None  # Parquet labels of the manifest's images; None: label them with --artifact
-    artifact: str | None = None  # needed without --labels; with them, adds attention strips and the loss curve
-    manifest: str | None = None  # a ready manifest instead of building one from --root
-    seed: int = 0  # the manifest's seeded crops (h36m_unaligned) and the labelling augmentations
-    swap_pairs: str = "correct"  # Human3.6M swap pairs: "correct" or "published" (reproduces the paper's figure)
-    report_images: int = 8  # test images drawn in the report's pictures
+    dataset: str = option(help="a dataset name (skp_ray.datasets.DATASETS), e.g. celeba_wild or taichi")
+    root: str = option(help="the dataset's folder, as distributed")
+    output: str = option(help="folder for the manifest, labels, metrics and report")
+    labels: str | None = option(None, "Parquet labels of the manifest's images; default: label them with --artifact")
+    artifact: str | None = option(None, "keypoint artifact; needed without --labels, adds attention maps and loss")
+    manifest: str | None = option(None, "a ready manifest instead of building one from --root")
+    seed: int = option(0, "the manifest's seeded crops (h36m_unaligned) and the labelling augmentations")
+    swap_pairs: str = option("correct", "Human3.6M swap pairs: correct, or published (reproduces the paper's figure)")
+    report_images: int = option(8, "test images drawn in the report's pictures")
     # Labelling, when the job labels the images itself (see skp_ray.labelling.LabelConfig).
-    model: str | None = None
-    augmentation_iterations: int = 10
-    batch_size: int = 8
-    actors: str = "1"
-    use_gpu: bool | None = None
-    cpus_per_actor: float = 1.0
-    dtype: str = "float32"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
+    model: str | None = option(None, "model for labelling; default: the artifact's")
+    augmentation_iterations: int = option(10, "test-time augmentations per image (SPEC 1.5)")
+    batch_size: int = option(8, "images per labelling actor call")
+    actors: str = option("1", "labelling actor pool: N, or MIN,MAX to autoscale")
+    use_gpu: bool | None = option(None, "one GPU per actor; default: GPUs if the cluster has them")
+    cpus_per_actor: float = option(1.0, "CPUs per labelling actor when no GPUs are used")
+    dtype: str = option("float32", "model weights: float32, float16 or bfloat16")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels become too_large error rows")
+    progress: bool = option(True, "Ray Data's progress bars on a terminal")
 
 
 @dataclass
@@ -125,10 +130,12 @@ def run_evaluation(config: EvaluateConfig) -> Evaluation:
     info = _dataset_info(config)
     output = absolute_uri(config.output)
     manifest_path = config.manifest or _write_manifest(config, output)
-    labels = config.labels or _label(config, manifest_path, output)
-    manifest = read_manifest(manifest_path).to_pylist()
+    manifest = read_manifest(manifest_path)
+    splits = (info.fit_split, info.test_split)
+    labels = config.labels or _label(config, _evaluated_manifest(manifest, manifest_path, splits, output), output)
     by_uri = _labels_by_uri(labels)
-    train, test = (_split_data(manifest, by_uri, split) for split in ("train", "test"))
+    rows = manifest.to_pylist()
+    train, test = (_split_data(rows, by_uri, split) for split in splits)
     prediction = _predict(info.regressor, train, test, SWAP_PAIRS[config.swap_pairs])
     value = _metric(info.metric, prediction, test, SWAP_PAIRS[config.swap_pairs])
     metrics = _metrics_record(config, info, value, train, test, by_uri, manifest_path, labels)
@@ -188,6 +195,20 @@ def _write_manifest(config: EvaluateConfig, output: str) -> str:
     return make_manifest(manifest)
 
 
+def _evaluated_manifest(manifest: pa.Table, manifest_path: str, splits: tuple[str, str], output: str) -> str:
+    """A manifest of the rows in ``splits`` only, so that labelling skips the others (Tai-Chi's training frames)."""
+    present = set(manifest.column("split").to_pylist())
+    for split in splits:
+        if split not in present:
+            raise ValueError(f"manifest {manifest_path!r} has no {split!r} rows to evaluate (it has {sorted(present)})")
+    evaluated = pc.is_in(manifest.column("split"), value_set=pa.array(splits))
+    if pc.all(evaluated).as_py():
+        return manifest_path
+    path = join_uri(output, EVALUATED_MANIFEST_FILE)
+    write_manifest(manifest.filter(evaluated), path)
+    return path
+
+
 def _label(config: EvaluateConfig, manifest_path: str, output: str) -> str:
     labels = join_uri(output, LABELS_FOLDER)
     shared = {item.name: getattr(config, item.name) for item in fields(LabelConfig) if hasattr(config, item.name)}
@@ -196,17 +217,16 @@ def _label(config: EvaluateConfig, manifest_path: str, output: str) -> str:
 
 
 def _labels_by_uri(labels: str) -> dict[str, dict]:
-    """The label rows (from jobs/label.py) keyed by URI; a URI labelled twice keeps its latest row."""
+    """The label rows (from jobs/label.py) keyed by URI: the newest row of each image."""
     fs, path = fsspec.core.url_to_fs(labels)
     if not fs.exists(path):
         raise ValueError(f"--labels {labels!r} does not exist; expected the Parquet output of jobs/label.py")
-    columns = ["uri", "status", "error_cause", "keypoints_xy_normalized", "artifact_id", "labelled_at"]
+    columns = ["uri", "status", "error_cause", "keypoints_xy_normalized", "artifact_id"]
     try:
-        table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(columns)
-    except Exception as error:  # pyarrow raises several types for a missing column or a foreign file
-        raise ValueError(f"--labels {labels!r} is not the Parquet output of jobs/label.py: {error}") from error
-    rows = sorted(table.to_pylist(), key=lambda row: row["labelled_at"])
-    return {row["uri"]: row for row in rows}
+        table = read_labels(labels, columns)
+    except ValueError as error:
+        raise ValueError(f"--labels: {error}") from error
+    return {row["uri"]: row for row in table.to_pylist()}
 
 
 def _split_data(manifest: list[dict], by_uri: dict[str, dict], split: str) -> SplitData:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["argmax_centres", "gaussian_maps", "find_peaks", "peak_targets"]
+__all__ = ["PEAK_DISCS", "argmax_centres", "check_peak_disc", "gaussian_maps", "find_peaks", "peak_targets"]
 
 #: Radius of the area cleared around a found peak, as a fraction of the map's side (H).
 PEAK_RADIUS_FRACTION = 0.05
+#: Where find_peaks measures a pixel's distance to a found peak from: its centre, or its index (published code).
+PEAK_DISCS = ("centred", "published")
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,24 +64,36 @@ def gaussian_maps(
     return torch.exp(-(dy2[..., :, None] + dx2[..., None, :]) / (2.0 * sigma**2))
 
 
+def check_peak_disc(peak_disc: str) -> None:
+    """Raise ValueError unless ``peak_disc`` is one of :data:`PEAK_DISCS`."""
+    if peak_disc not in PEAK_DISCS:
+        raise ValueError(f"peak_disc must be one of {', '.join(map(repr, PEAK_DISCS))}; got {peak_disc!r}")
+
+
 @torch.no_grad()
-def find_peaks(maps: torch.Tensor, num: int) -> torch.Tensor:
+def find_peaks(maps: torch.Tensor, num: int, *, peak_disc: str = "centred") -> torch.Tensor:
     """``num`` peaks per map: ``[T, H, W] -> [T, num, 2]`` ``(y, x)`` pixel centres.
 
     The first peak is the argmax. Each further peak is the argmax of a detached
-    copy in which every pixel whose centre lies within (``<=``)
-    ``0.05 * H`` pixels of an already found peak has been set to zero.
-    Leading dimensions other than T are also accepted (``[..., H, W]``).
+    copy in which every pixel within (``<=``) ``0.05 * H`` pixels of an already
+    found peak has been set to zero. ``peak_disc`` says where a pixel is
+    measured from: ``"centred"`` (default) its centre ``index + 0.5``, a disc
+    symmetric about the peak pixel; ``"published"`` its integer index, as the
+    published code does, which shifts the disc by half a pixel towards higher
+    rows and columns. Leading dimensions other than T are also accepted
+    (``[..., H, W]``).
     """
     _check_maps(maps)
+    check_peak_disc(peak_disc)
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     height, width = maps.shape[-2:]
     work = maps.detach().clone()
     radius2 = (PEAK_RADIUS_FRACTION * height) ** 2
     dtype = _float_dtype(maps.dtype)
-    ys = torch.arange(height, dtype=dtype, device=maps.device) + 0.5
-    xs = torch.arange(width, dtype=dtype, device=maps.device) + 0.5
+    offset = 0.5 if peak_disc == "centred" else 0.0
+    ys = torch.arange(height, dtype=dtype, device=maps.device) + offset
+    xs = torch.arange(width, dtype=dtype, device=maps.device) + offset
     peaks = []
     for n in range(num):
         peak = argmax_centres(work)
@@ -93,14 +107,16 @@ def find_peaks(maps: torch.Tensor, num: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def peak_targets(maps: torch.Tensor, *, sigma: float, num_subjects: int = 1) -> torch.Tensor:
+def peak_targets(
+    maps: torch.Tensor, *, sigma: float, num_subjects: int = 1, peak_disc: str = "centred"
+) -> torch.Tensor:
     """Sharpening targets ``[T, H, W]``: mean of Gaussians at each map's peaks.
 
     With ``num_subjects = 1`` this is the Gaussian (peak 1) at the argmax; with
-    more, the mean of the Gaussians at :func:`find_peaks`' peaks. No gradient;
-    returned in ``maps``' dtype.
+    more, the mean of the Gaussians at :func:`find_peaks`' peaks (``peak_disc``
+    as there). No gradient; returned in ``maps``' dtype.
     """
     _check_maps(maps)
-    peaks = find_peaks(maps, num_subjects)  # [..., n, 2]
+    peaks = find_peaks(maps, num_subjects, peak_disc=peak_disc)  # [..., n, 2]
     targets = gaussian_maps(peaks, (maps.shape[-2], maps.shape[-1]), sigma).mean(dim=-3)
     return targets.to(maps.dtype)

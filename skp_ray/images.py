@@ -8,9 +8,11 @@ URIs are local paths or fsspec URLs (``file://``, ``s3://``, ``gs://``,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -30,10 +32,12 @@ __all__ = [
     "list_images",
     "ImageSource",
     "list_sources",
-    "read_source",
+    "load_source",
+    "LoadedImage",
     "absolute_source",
     "crop_image",
-    "apply_mask",
+    "content_hash",
+    "ALPHA_MODES",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -47,7 +51,18 @@ _ADVICE = {
     "not_an_image": "the bytes are not an image format Pillow can read; remove it or fix its contents",
     "too_large": "raise max_pixels if the image is trusted, or downscale it first",
     "unsupported_mode": "convert the image to RGB with another tool first",
+    "permission_denied": "check the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) and the object's permissions",
+    "storage_error": "the store failed after its own retries; rerun later (only images without a row are read again)",
+    "unsupported_scheme": "use a local path, file://, s3:// or gs:// (install s3fs or gcsfs for the object stores)",
+    "bad_crop": "fix the manifest's crop_box: (left, top, right, bottom) with right > left and bottom > top",
+    "bad_mask": "the mask must have the image's aspect ratio (same size, or a scaled copy)",
+    "decoder_crash": "the decoder failed on these bytes; re-encode the image with another tool or remove it",
 }
+
+# What decode_image does with transparency: "white" composites onto white (what a viewer shows),
+# "drop" discards the alpha channel as the published loaders do (PIL's convert("RGB")).
+ALPHA_MODES = ("white", "drop")
+_PILLOW_LIMIT = threading.Lock()  # decode_image swaps Pillow's own pixel limit for max_pixels
 
 # Leading bytes of formats we read; used to tell a truncated header from a non-image.
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
@@ -67,7 +82,9 @@ class ImageReadError(ValueError):
     """An image could not be read.
 
     Attributes: ``uri`` (where it came from) and ``cause``, one of "not_found",
-    "empty", "truncated", "not_an_image", "too_large", "unsupported_mode".
+    "empty", "truncated", "not_an_image", "too_large", "unsupported_mode",
+    "permission_denied", "storage_error", "unsupported_scheme", "bad_crop",
+    "bad_mask", "decoder_crash".
     """
 
     def __init__(self, uri: str, cause: str, detail: str = "") -> None:
@@ -86,22 +103,32 @@ class ImageReadError(ValueError):
         return (type(self), (self.uri, self.cause, self.detail))
 
 
-def decode_image(data: bytes, *, uri: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, *, uri: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, alpha: str = "white"
+) -> np.ndarray:
     """Decode image bytes to uint8 [H, W, 3] RGB.
 
     The image is fully loaded (a truncated file fails here, not later), EXIF
     orientation is applied, and every mode is converted to RGB: transparency is
-    composited onto white; 16-bit / 32-bit integer gray ("I;16*", "I") is
+    composited onto white (``alpha="white"``) or dropped (``alpha="drop"``, as
+    the published loaders do); 16-bit / 32-bit integer gray ("I;16*", "I") is
     scaled from 0..65535 to 0..255; float gray ("F") is taken as 0..1 when it
     lies in [0, 1], as 0..255 when it lies there, else min-max scaled.
-    Images with more than ``max_pixels`` pixels are refused before decoding.
+    Images with more than ``max_pixels`` pixels are refused before decoding;
+    ``max_pixels`` is the only limit (Pillow's own is lifted to it).
     Raises ImageReadError (with ``cause``) on any failure.
     """
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha={alpha!r} is not one of {ALPHA_MODES}")
     if not data:
         raise ImageReadError(uri, "empty")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _PILLOW_LIMIT:
         warnings.simplefilter("always")
-        rgb = _decode(data, uri, max_pixels)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # max_pixels is checked before loading
+        try:
+            rgb = _decode(data, uri, max_pixels, alpha)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
     # Pillow's warnings (e.g. corrupt EXIF) come back naming the image; on failure the error says enough
     for w in caught:
         if not issubclass(w.category, Image.DecompressionBombWarning):  # max_pixels is enforced instead
@@ -109,12 +136,9 @@ def decode_image(data: bytes, *, uri: str = "<bytes>", max_pixels: int = DEFAULT
     return rgb
 
 
-def _decode(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
+def _decode(data: bytes, uri: str, max_pixels: int, alpha: str) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        detail = f"{e} (Pillow's own limit, PIL.Image.MAX_IMAGE_PIXELS, applies too)"
-        raise ImageReadError(uri, "too_large", detail) from e
     except UnidentifiedImageError as e:
         if _looks_like_image(data):
             raise ImageReadError(uri, "truncated", "the header is incomplete") from e
@@ -131,20 +155,47 @@ def _decode(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
             im.load()
         except Exception as e:  # OSError("image file is truncated"), SyntaxError, zlib/struct errors ...
             raise ImageReadError(uri, "truncated", f"{type(e).__name__}: {e}") from e
-        return _to_rgb_array(_exif_transpose(im), uri)
+        try:
+            return _to_rgb_array(_exif_transpose(im), uri, alpha)
+        except ImageReadError:
+            raise
+        except Exception as e:  # a decoder bug on odd bytes must cost this image only
+            raise ImageReadError(uri, "decoder_crash", f"{type(e).__name__}: {e}") from e
 
 
-def read_image(uri: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(uri: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: str = "white") -> np.ndarray:
     """Read and decode one image from a local path or fsspec URL to uint8 [H, W, 3] RGB."""
     uri = os.fspath(uri)
+    return decode_image(read_bytes(uri), uri=uri, max_pixels=max_pixels, alpha=alpha)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes at a local path or fsspec URL; every failure is an ImageReadError naming the URI."""
     try:
         with fsspec.open(uri, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError as e:
         raise ImageReadError(uri, "not_found") from e
     except IsADirectoryError as e:
         raise ImageReadError(uri, "not_found", "it is a directory, not a file") from e
-    return decode_image(data, uri=uri, max_pixels=max_pixels)
+    except PermissionError as e:
+        raise ImageReadError(uri, "permission_denied", _first_line(e)) from e
+    except ImportError as e:  # fsspec knows the protocol, but its package (s3fs, gcsfs, ...) is missing
+        raise ImageReadError(uri, "unsupported_scheme", _first_line(e)) from e
+    except ValueError as e:
+        if "protocol" in str(e).lower():  # fsspec: "Protocol not known: ..."
+            raise ImageReadError(uri, "unsupported_scheme", _first_line(e)) from e
+        raise ImageReadError(uri, "storage_error", _first_line(e)) from e
+    except Exception as e:  # credentials, throttling after the store's retries, network ...
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+            raise ImageReadError(uri, "permission_denied", _first_line(e)) from e
+        raise ImageReadError(uri, "storage_error", _first_line(e)) from e
+
+
+def _first_line(error: Exception) -> str:
+    """An error's type and first line: store errors can carry long request dumps."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def join_uri(base: str, name: str) -> str:
@@ -173,18 +224,23 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float [B, 3, H, W] to [B, 3, size, size] (bilinear, antialiased, aspect not kept).
+def resize_batch(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize float [B, C, H, W] in [0, 1] to [B, C, size, size] (or ``size`` = (height, width)):
+    bilinear, antialiased, aspect not kept, clamped back to [0, 1].
 
     Pixel centres map to pixel centres (align_corners=False), so normalised
-    (y, x) keypoints are unchanged by the resize. Returns the input itself when
-    it already has that size.
+    (y, x) keypoints are unchanged by the resize. The antialiasing filter can
+    overshoot [0, 1] by a rounding error on saturated pixels, hence the clamp;
+    every path into the model resizes here. Returns the input itself when it
+    already has that size.
     """
     if images.ndim != 4:
         raise ValueError(f"expected a batch [B, C, H, W], got shape {tuple(images.shape)}")
-    if tuple(images.shape[-2:]) == (size, size):
+    height, width = (size, size) if isinstance(size, int) else size
+    if tuple(images.shape[-2:]) == (height, width):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return resized.clamp_(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -257,22 +313,64 @@ def list_sources(location: str | os.PathLike, *, split: str | None = None) -> li
     return sources
 
 
-def read_source(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-    """The model's view of one source (masked, then cropped), uint8 [h, w, 3], and the image's (height, width)."""
-    image = read_image(source.uri, max_pixels=max_pixels)
-    size = image.shape[:2]
-    if source.mask_uri is not None:
-        image = apply_mask(image, read_image(source.mask_uri, max_pixels=max_pixels))
+@dataclass(frozen=True)
+class LoadedImage:
+    """One source as the model sees it, and what the rows record about it."""
+
+    pixels: torch.Tensor  # float [3, h, w] in [0, 1]: the crop (or the image), resized if asked, masked
+    height: int  # the whole image's size in pixels
+    width: int
+    frame: tuple[int, int, int, int]  # (left, top, right, bottom) of what the model sees, in image pixels
+    content_hash: str  # of the decoded image: byte-identical files share it
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of what the model sees, before any resize."""
+        left, top, right, bottom = self.frame
+        return bottom - top, right - left
+
+
+def load_source(
+    source: ImageSource,
+    *,
+    size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    alpha: str = "white",
+) -> LoadedImage:
+    """Read one source: decode, crop, resize to ``size`` x ``size`` (when given), then multiply by the mask.
+
+    The mask is resized to the picture's final size and multiplied there, as
+    the published Human3.6M loader does at 512. Every failure, the crop box's
+    and the mask's included, is an ImageReadError naming the image.
+    """
+    image = read_image(source.uri, max_pixels=max_pixels, alpha=alpha)
+    height, width = image.shape[:2]
+    view = image
     if source.crop_box is not None:
-        image = crop_image(image, source.crop_box)
-    return image, size
+        view = crop_image(image, source.crop_box, uri=source.uri)
+    pixels = to_tensor(view)
+    if size is not None:
+        pixels = resize_batch(pixels[None], size)[0]
+    if source.mask_uri is not None:
+        mask = _read_mask(source, (height, width), max_pixels)
+        pixels = pixels * resize_batch(mask[None, None], tuple(pixels.shape[-2:]))[0]
+    frame = tuple(int(v) for v in source.crop_box) if source.crop_box is not None else (0, 0, width, height)
+    return LoadedImage(pixels, height, width, frame, content_hash(image))
 
 
-def crop_image(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def content_hash(image: np.ndarray) -> str:
+    """sha256 of a decoded image's shape and pixels (uint8 [H, W, 3]), as hex."""
+    digest = hashlib.sha256(repr(tuple(image.shape)).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def crop_image(image: np.ndarray, box: tuple[int, int, int, int], *, uri: str = "<image>") -> np.ndarray:
     """``image[top:bottom, left:right]`` of uint8 [H, W, C], black where the box leaves the image."""
     left, top, right, bottom = (int(v) for v in box)
     if right <= left or bottom <= top:
-        raise ValueError(f"crop box {box} is empty; expected (left, top, right, bottom) with right > left, bottom > top")
+        detail = f"crop box {tuple(box)} is {'empty' if (right, bottom) == (left, top) else 'empty or inverted'}"
+        raise ImageReadError(uri, "bad_crop", detail)
     height, width = image.shape[:2]
     out = np.zeros((bottom - top, right - left) + image.shape[2:], dtype=image.dtype)
     y0, y1, x0, x1 = max(top, 0), min(bottom, height), max(left, 0), min(right, width)
@@ -281,16 +379,31 @@ def crop_image(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     return out
 
 
-def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image times a foreground mask (its first channel; 0..1 or 0..255), resized to the image if needed."""
-    weights = mask[..., 0] if mask.ndim == 3 else mask
-    if weights.shape != image.shape[:2]:
-        resized = Image.fromarray(weights).resize((image.shape[1], image.shape[0]), Image.BILINEAR)
-        weights = np.asarray(resized)
-    weights = weights.astype(np.float32)
+def _read_mask(source: ImageSource, image_size: tuple[int, int], max_pixels: int) -> torch.Tensor:
+    """The source's foreground mask as float [h, w] in [0, 1] over the model's view (the crop, if any).
+
+    The first channel is used; 0..1 and 0..255 masks are both accepted. A mask
+    of another size must be a scaled copy (same aspect ratio within 1 %); it
+    is resized to the image before cropping.
+    """
+    try:
+        mask = read_image(source.mask_uri, max_pixels=max_pixels)[..., 0]
+    except ImageReadError as error:
+        raise ImageReadError(source.uri, "bad_mask", f"its mask cannot be read: {error}") from error
+    height, width = image_size
+    mask_height, mask_width = mask.shape
+    if abs(mask_width * height - width * mask_height) > 0.01 * width * mask_height:
+        detail = f"mask {source.mask_uri!r} is {mask_width}x{mask_height}, the image {width}x{height}"
+        raise ImageReadError(source.uri, "bad_mask", detail)
+    weights = torch.from_numpy(mask.astype(np.float32))
     if weights.max() > 1:
         weights /= 255.0
-    return np.clip(np.rint(image * weights[..., None]), 0, 255).astype(np.uint8)
+    if source.crop_box is None:
+        return weights
+    if (mask_height, mask_width) != (height, width):
+        weights = resize_batch(weights[None, None], (height, width))[0, 0]
+    box = source.crop_box
+    return torch.from_numpy(crop_image(weights.numpy()[..., None], box, uri=source.uri)[..., 0])
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:
@@ -300,13 +413,13 @@ def _exif_transpose(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb_array(im: Image.Image, uri: str) -> np.ndarray:
+def _to_rgb_array(im: Image.Image, uri: str, alpha: str) -> np.ndarray:
     mode = im.mode
     if mode.startswith("I") or mode == "F":
         return _gray_to_rgb(_scale_gray(np.asarray(im), mode))
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     try:
-        if has_alpha:
+        if has_alpha and alpha == "white":
             return _composite_on_white(np.asarray(im.convert("RGBA")))
         return np.array(im.convert("RGB"), dtype=np.uint8)
     except (ValueError, OSError) as e:

@@ -2,26 +2,29 @@
 
 The pipeline, one Ray Data dataset:
 
-1. the driver lists the inputs, drops those that already have a row in the
-   output (so a rerun resumes, and a grown bucket labels only its new images);
-2. CPU tasks read and decode each image, apply the manifest's mask and crop
-   if it gives them, and resize it to the model's size,
-   turning a failure into an error row instead of an exception;
+1. the driver checks the settings, the artifact and the model, takes the
+   output's lease (one writer at a time), lists the inputs and drops those
+   that already have a row in the output (so a rerun resumes, and a grown
+   bucket labels only its new images);
+2. CPU tasks read and decode each image, crop it as the manifest says, resize
+   it to the model's size and apply its mask, turning any failure into an
+   error row instead of an exception;
 3. an actor pool (one GPU per actor when GPUs are used) holds the model and
    the artifact, and runs SPEC 1.5 detection per image, the augmentations of
    an image as one batch;
-4. the rows are written as Parquet files beside any earlier ones.
+4. the rows are written as Parquet files beside any earlier ones
+   (``skp_ray.label_store``), and a summary beside them.
 
 Every input yields exactly one row: ``status`` "ok" with keypoints, or "error"
-with the cause. Each image's augmentations come from (seed, image id), so its
-keypoints do not depend on batching, actor count or reruns.
+with the cause. Each image's augmentations come from (seed, the hash of its
+decoded pixels), so its keypoints depend neither on batching, actor count and
+reruns, nor on its name: byte-identical files get identical keypoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import posixpath
 import time
 import uuid
 from collections import Counter
@@ -29,98 +32,153 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
+import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
+from ray.data.datasource import FilenameProvider
 
 from skp_ray.artifact import KeypointArtifact, load_artifact
+from skp_ray.config import checked, option
 from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, model_location
+from skp_ray.diffusion import DTYPES, Diffusion, check_model, load_diffusion, model_location
 from skp_ray.images import (
+    ALPHA_MODES,
     DEFAULT_MAX_PIXELS,
     ImageReadError,
     ImageSource,
     absolute_source,
     absolute_uri,
     list_sources,
-    read_source,
-    resize_batch,
-    to_tensor,
+    load_source,
 )
+from skp_ray.label_store import (
+    OUTPUT_SCHEMA,
+    label_file_name,
+    label_files,
+    labelled_ids,
+    parquet_location,
+    read_labels,
+    write_summary,
+)
+from skp_ray.lease import OutputLease
+from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.randomness import keyed_generator
-from skp_ray.ray_cluster import connect, use_gpus
+from skp_ray.ray_cluster import connect, use_gpus, wait_for_gpus
 
-# One row per input image. Keypoints are [K][2] lists: (x, y) in original-image pixels
-# (a pixel's centre at index + 0.5) and (x, y) normalised to [0, 1] in the frame the model saw:
-# the manifest's crop box when it gives one (crop_box), else the whole image (width, height).
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("crop_box", pa.list_(pa.int32())),
-        ("keypoints_xy", pa.list_(pa.list_(pa.float32()))),
-        ("keypoints_xy_normalized", pa.list_(pa.list_(pa.float32()))),
-        ("peaks", pa.list_(pa.float32())),
-        ("artifact_id", pa.string()),
-        ("model", pa.string()),
-        ("status", pa.string()),
-        ("error_cause", pa.string()),
-        ("error", pa.string()),
-        ("labelled_at", pa.timestamp("us", tz="UTC")),
-        ("run_id", pa.string()),
-    ]
-)
+__all__ = ["LabelConfig", "LabelSummary", "LabellingFailed", "run_labelling", "read_labels", "OUTPUT_SCHEMA"]
 
 # SPEC 1.1's image side, for artifacts that do not record theirs.
 DEFAULT_IMAGE_SIZE = 512
+# How many failing images the summary names on the console (the JSON summary keeps up to SUMMARY_FAILURES).
+SHOWN_FAILURES = 10
+SUMMARY_FAILURES = 1000
 
 
 @dataclass
 class LabelConfig:
-    artifact: str  # the discovery job's artifact folder or URI
-    input: str  # folder, s3:// or gs:// prefix, glob, or manifest (.txt, .csv/.parquet with a `uri` column)
-    output: str  # folder or URI for the Parquet files
-    model: str | None = None  # None: the artifact's model (and revision)
-    augmentation_iterations: int = 10
-    batch_size: int = 8  # images per actor call
-    actors: str = "1"  # a fixed pool size "N", or "MIN,MAX" to autoscale
-    use_gpu: bool | None = None  # None: use GPUs if the cluster has them
-    cpus_per_actor: float = 1.0
-    dtype: str = "float32"
-    seed: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become "too_large" error rows
-    progress: bool = True  # Ray Data's progress bars
+    artifact: str = option(help="the discovery job's artifact folder or URI")
+    input: str = option(help="folder, s3:// or gs:// prefix, glob, or manifest (.txt; .csv/.parquet with a uri column)")
+    output: str = option(help="folder or URI for the Parquet rows (labels-*.parquet) and the run summaries")
+    model: str | None = option(None, "hub id or folder of the model; default: the artifact's model and revision")
+    augmentation_iterations: int = option(10, "test-time augmentations per image (SPEC 1.5)")
+    batch_size: int = option(8, "images per actor call")
+    actors: str = option("1", "actor pool: a fixed size N, or MIN,MAX to autoscale")
+    use_gpu: bool | None = option(None, "one GPU per actor; default: GPUs if the cluster has them")
+    cpus_per_actor: float = option(1.0, "CPUs per actor when no GPUs are used")
+    dtype: str = option("float32", "model weights: float32, float16 or bfloat16")
+    seed: int = option(0, "seed of the test-time augmentations (keyed with each image's content)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels become too_large error rows")
+    alpha: str = option("white", "transparency: 'white' composites onto white, 'drop' discards it (published)")
+    retry_errors: bool = option(False, "label again the images whose only rows are error rows")
+    max_error_fraction: float = option(0.5, "exit non-zero when more than this fraction of the images fail")
+    lease_timeout_s: float = option(300.0, "a lease on --output whose heartbeat is older than this is stale")
+    gpu_wait_s: float = option(300.0, "with --use-gpu, how long to wait for a GPU before giving up")
+    log_every_s: float = option(30.0, "seconds between progress lines in the log")
+    progress: bool = option(True, "Ray Data's progress bars on a terminal")
 
 
 @dataclass
 class LabelSummary:
     output: str
+    run_id: str
     listed: int  # distinct input images
     already_labelled: int  # skipped because the output had their row
     labelled: int  # rows written by this run
     errors: dict[str, int]  # error cause -> rows, this run
-    seconds: float
-    run_id: str
+    failures: list[dict]  # the first failing images: uri, cause, error
+    seconds: float  # the whole run
+    labelling_seconds: float  # from the first batch's start to the last batch's end
 
     @property
     def images_per_second(self) -> float:
-        return self.labelled / self.seconds if self.seconds else 0.0
+        return self.labelled / self.labelling_seconds if self.labelling_seconds else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def failure(self, max_error_fraction: float) -> str | None:
+        """Why the run counts as failed, or None."""
+        if self.labelled and self.error_count == self.labelled:
+            return f"every one of the {self.labelled} images labelled failed"
+        if self.labelled and self.error_count / self.labelled > max_error_fraction:
+            return (
+                f"{self.error_count} of {self.labelled} images failed, more than --max_error_fraction "
+                f"{max_error_fraction:g}"
+            )
+        return None
 
     def describe(self) -> str:
-        errors = sum(self.errors.values())
         causes = ", ".join(f"{cause} {count}" for cause, count in sorted(self.errors.items()))
-        return (
-            f"[label] done: {self.labelled} images labelled ({self.labelled - errors} ok, {errors} errors"
-            f"{': ' + causes if causes else ''}), {self.already_labelled} already labelled, "
-            f"{self.images_per_second:.2f} images/s over {self.seconds:.1f} s\n[label] output: {self.output}"
-        )
+        lines = [
+            f"[label] done: {self.labelled} images labelled ({self.labelled - self.error_count} ok, "
+            f"{self.error_count} errors{': ' + causes if causes else ''}), {self.already_labelled} already labelled, "
+            f"{self.images_per_second:.2f} images/s over {self.labelling_seconds:.1f} s of labelling "
+            f"({self.seconds:.1f} s in all)"
+        ]
+        for failed in self.failures[:SHOWN_FAILURES]:
+            lines.append(f"[label]   failed: {failed['uri']} ({failed['cause']}): {failed['error']}")
+        if self.error_count > SHOWN_FAILURES:
+            lines.append(f"[label]   ... and {self.error_count - SHOWN_FAILURES} more (see the summary file)")
+        lines.append(f"[label] output: {self.output}")
+        return "\n".join(lines)
+
+    def record(self, config: LabelConfig, artifact_id: str, failure: str | None) -> dict:
+        """The summary file's content."""
+        return {
+            "run_id": self.run_id,
+            "status": "failed" if failure else "ok",
+            "failure": failure,
+            "output": self.output,
+            "artifact_id": artifact_id,
+            "counts": {
+                "listed": self.listed,
+                "already_labelled": self.already_labelled,
+                "labelled": self.labelled,
+                "ok": self.labelled - self.error_count,
+                "errors": self.error_count,
+            },
+            "error_causes": self.errors,
+            "failures": self.failures,
+            "failures_truncated": self.error_count > len(self.failures),
+            "timings": {
+                "total_s": self.seconds,
+                "labelling_s": self.labelling_seconds,
+                "images_per_s": self.images_per_second,
+            },
+            "settings": dataclasses.asdict(config),
+        }
+
+
+class LabellingFailed(RuntimeError):
+    """Too many images failed; the rows and the summary are written all the same."""
+
+    def __init__(self, message: str, summary: LabelSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 def image_id(uri: str) -> str:
@@ -144,50 +202,93 @@ def parse_actors(actors: str) -> ray.data.ActorPoolStrategy:
 def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None = None) -> LabelSummary:
     """Label every input image that has no row in ``config.output`` yet; returns the run's summary.
 
+    Everything that would make every image fail (settings, artifact, model,
+    an output that cannot be written, another run writing to it) is refused
+    here on the driver before Ray starts an actor. Raises LabellingFailed,
+    after writing the rows and the summary, when too many images failed.
     ``on_batch(rows)`` runs in the actor after each batch it labels. Joins the
     Ray cluster that ``RAY_ADDRESS`` names, or starts a local one.
     """
     started = time.perf_counter()
-    if config.dtype not in DTYPES:
-        raise ValueError(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
-    if config.batch_size < 1 or config.augmentation_iterations < 1:
-        raise ValueError("--batch-size and --augmentation_iterations must be at least 1")
-    compute = parse_actors(config.actors)
+    config = checked(config)
+    compute = _check_settings(config)
     artifact = load_artifact(config.artifact)
+    check_model(model_location(config.model or artifact.model), revision=None if config.model else artifact.revision)
     output = absolute_uri(config.output)
-    sources = _distinct(absolute_source(source) for source in list_sources(config.input))
-    done = labelled_ids(output)
-    todo = [_item(source) for source in sources if image_id(source.uri) not in done]
     run_id = uuid.uuid4().hex[:12]
-    print(f"[label] {len(sources)} images, {len(sources) - len(todo)} already labelled, {len(todo)} to label -> {output}")
-    if todo:
-        path, filesystem = _parquet_location(output)
-        connect()
-        config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
-        ray.data.DataContext.get_current().enable_progress_bars = config.progress
-        blocks = -(-len(todo) // config.batch_size)
-        image_size = artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE
-        (
-            ray.data.from_items(todo, override_num_blocks=blocks)
-            .map_batches(
-                _decode_batch,
-                fn_kwargs={"size": image_size, "max_pixels": config.max_pixels},
-                batch_size=config.batch_size,
-                num_cpus=0.5,
-            )
-            .map_batches(
-                KeypointDetector,
-                fn_constructor_kwargs={"config": config, "run_id": run_id, "on_batch": on_batch},
-                batch_size=config.batch_size,
-                compute=compute,
-                num_gpus=1 if config.use_gpu else 0,
-                num_cpus=0 if config.use_gpu else config.cpus_per_actor,
-            )
-            .write_parquet(path, filesystem=filesystem)
-        )
-    summary = _summarise(output, run_id, len(sources), len(sources) - len(todo), time.perf_counter() - started)
+    with OutputLease(output, run_id, stale_after_s=config.lease_timeout_s):
+        sources = _distinct(absolute_source(source) for source in list_sources(config.input))
+        done = labelled_ids(label_files(output), retry_errors=config.retry_errors)
+        todo = [_item(source) for source in sources if image_id(source.uri) not in done]
+        print(f"[label] {len(sources)} images, {len(sources) - len(todo)} already labelled, {len(todo)} to label -> {output}")
+        labelling_seconds = _label(config, artifact, todo, output, run_id, compute, on_batch) if todo else 0.0
+        summary = _summarise(output, run_id, len(sources), len(sources) - len(todo), started, labelling_seconds)
+        failure = summary.failure(config.max_error_fraction)
+        write_summary(output, run_id, summary.record(config, artifact.id, failure))
     print(summary.describe())
+    if failure:
+        raise LabellingFailed(f"[label] failed: {failure} (rows and summary written to {output})", summary)
     return summary
+
+
+def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
+    problems = []
+    if config.dtype not in DTYPES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    if config.batch_size < 1 or config.augmentation_iterations < 1:
+        problems.append("--batch-size and --augmentation_iterations must be at least 1")
+    if config.alpha not in ALPHA_MODES:
+        problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
+    if not 0 <= config.max_error_fraction <= 1:
+        problems.append(f"--max_error_fraction must lie in [0, 1] (got {config.max_error_fraction})")
+    if problems:
+        raise ValueError("invalid labelling settings: " + "; ".join(problems))
+    return parse_actors(config.actors)
+
+
+def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute, on_batch) -> float:
+    """Runs the pipeline over ``todo``; returns the seconds spent labelling (start-up excluded)."""
+    path, filesystem = parquet_location(output)
+    connect()
+    config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
+    if config.use_gpu:
+        wait_for_gpus(1, timeout_s=config.gpu_wait_s, what="the labelling actors")
+    ray.data.DataContext.get_current().enable_progress_bars = config.progress
+    image_size = artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE
+    counter = ProgressCounter.remote()
+    detector_options = {"config": config, "run_id": run_id, "counter": counter, "on_batch": on_batch}
+    pipeline = (
+        ray.data.from_items(todo, override_num_blocks=-(-len(todo) // config.batch_size))
+        .map_batches(
+            _decode_batch,
+            fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
+            batch_size=config.batch_size,
+            num_cpus=0.5,
+        )
+        .map_batches(
+            KeypointDetector,
+            fn_constructor_kwargs=detector_options,
+            batch_size=config.batch_size,
+            compute=compute,
+            num_gpus=1 if config.use_gpu else 0,
+            num_cpus=0 if config.use_gpu else config.cpus_per_actor,
+        )
+    )
+    with ProgressLog(counter, len(todo), interval_s=config.log_every_s) as progress:
+        pipeline.write_parquet(path, filesystem=filesystem, filename_provider=_LabelFileNames(run_id), schema=OUTPUT_SCHEMA)
+    snapshot = ray.get(counter.snapshot.remote())
+    print(progress.line(snapshot))
+    ray.kill(counter)
+    return snapshot["working_seconds"]
+
+
+class _LabelFileNames(FilenameProvider):
+    def __init__(self, run_id: str):
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return label_file_name(self.run_id, write_uuid, task_index)
 
 
 def _distinct(sources) -> list[ImageSource]:
@@ -199,40 +300,49 @@ def _distinct(sources) -> list[ImageSource]:
 
 
 def _item(source: ImageSource) -> dict:
-    # No nulls: Ray Data turns an all-null column into floats. No crop is [], no mask "".
-    box = list(source.crop_box or ())
-    return {"uri": source.uri, "image_id": image_id(source.uri), "crop_box": box, "mask_uri": source.mask_uri or ""}
+    # Plain columns only (no nulls, no ragged lists), so Ray Data never falls back to pickling:
+    # no crop is has_crop False, no mask "".
+    return {
+        "uri": source.uri,
+        "image_id": image_id(source.uri),
+        "crop_box": np.asarray(source.crop_box or (0, 0, 0, 0), dtype=np.int64),
+        "has_crop": source.crop_box is not None,
+        "mask_uri": source.mask_uri or "",
+    }
 
 
-def _crop_box(value) -> tuple[int, ...] | None:
-    return tuple(int(v) for v in value) if len(value) else None
-
-
-def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
-    """Read, decode, mask, crop and resize each image to float [3, size, size]; an unreadable one becomes
+def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, alpha: str) -> dict[str, np.ndarray]:
+    """Read, decode, crop, resize and mask each image to float [3, size, size]; any failure becomes
     an error row. ``frame`` is the (left, top, right, bottom) of what the model sees, in image pixels."""
     count = len(batch["uri"])
     pixels = np.zeros((count, 3, size, size), dtype=np.float32)
     width, height = np.zeros(count, dtype=np.int32), np.zeros(count, dtype=np.int32)
     frame = np.zeros((count, 4), dtype=np.float32)
-    cause, message = [""] * count, [""] * count
+    digest, cause, message = [""] * count, [""] * count, [""] * count
     for i, uri in enumerate(batch["uri"]):
-        source = ImageSource(uri, _crop_box(batch["crop_box"][i]), batch["mask_uri"][i] or None)
+        box = tuple(int(v) for v in batch["crop_box"][i]) if batch["has_crop"][i] else None
+        source = ImageSource(uri, box, batch["mask_uri"][i] or None)
         try:
-            view, (height[i], width[i]) = read_source(source, max_pixels=max_pixels)
+            loaded = load_source(source, size=size, max_pixels=max_pixels, alpha=alpha)
         except ImageReadError as error:
             cause[i], message[i] = error.cause, str(error)
             continue
-        frame[i] = source.crop_box if source.crop_box is not None else (0, 0, width[i], height[i])
-        pixels[i] = resize_batch(to_tensor(view)[None], size)[0].numpy()
+        except Exception as error:  # one image's surprise must not stop the run
+            cause[i], message[i] = "read_failed", f"cannot read image {uri!r}: {type(error).__name__}: {error}"
+            continue
+        width[i], height[i], digest[i] = loaded.width, loaded.height, loaded.content_hash
+        frame[i] = loaded.frame
+        pixels[i] = loaded.pixels.numpy()
     return {
         "uri": batch["uri"],
         "image_id": batch["image_id"],
         "crop_box": batch["crop_box"],
+        "has_crop": batch["has_crop"],
         "pixels": pixels,
         "width": width,
         "height": height,
         "frame": frame,
+        "content_hash": np.array(digest, dtype=object),
         "error_cause": np.array(cause, dtype=object),
         "error": np.array(message, dtype=object),
     }
@@ -254,9 +364,9 @@ def detection_options(settings: dict) -> dict:
     }
 
 
-def detection_generator(seed: int, image: str) -> torch.Generator:
-    """Where an image's augmentations come from: keyed by the run's seed and the image id."""
-    return keyed_generator(seed, "detect", image)
+def detection_generator(seed: int, content_hash: str) -> torch.Generator:
+    """Where an image's augmentations come from: keyed by the run's seed and the image's content hash."""
+    return keyed_generator(seed, "detect", content_hash)
 
 
 def load_artifact_model(artifact: KeypointArtifact, *, model: str | None, dtype: str, device: str) -> Diffusion:
@@ -273,7 +383,7 @@ def load_artifact_model(artifact: KeypointArtifact, *, model: str | None, dtype:
 class KeypointDetector:
     """A Ray Data actor: loads the model and artifact once, then labels batches of decoded images."""
 
-    def __init__(self, config: LabelConfig, run_id: str, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, config: LabelConfig, run_id: str, counter, on_batch: Callable[[int], None] | None = None):
         artifact = load_artifact(config.artifact)
         self.model = config.model or artifact.model
         device = "cuda" if config.use_gpu else "cpu"
@@ -282,9 +392,10 @@ class KeypointDetector:
         self.indices = artifact.token_indices
         self.options = detection_options(artifact.settings)
         self.artifact_id = artifact.id
-        self.config, self.run_id, self.on_batch = config, run_id, on_batch
+        self.config, self.run_id, self.counter, self.on_batch = config, run_id, counter, on_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
         count, k = len(batch["uri"]), len(self.indices)
         keypoints_yx = np.full((count, k, 2), np.nan, dtype=np.float32)
         peaks = np.full((count, k), np.nan, dtype=np.float32)
@@ -297,11 +408,13 @@ class KeypointDetector:
                 self.context,
                 self.indices,
                 augmentation_iterations=self.config.augmentation_iterations,
-                generator=detection_generator(self.config.seed, batch["image_id"][i]),
+                generator=detection_generator(self.config.seed, batch["content_hash"][i]),
                 **self.options,
             )
             keypoints_yx[i], peaks[i] = points[0].cpu().numpy(), values[0].cpu().numpy()
         table = _output_table(batch, keypoints_yx, peaks, self.artifact_id, self.model, self.run_id)
+        failed = sum(bool(cause) for cause in batch["error_cause"])
+        self.counter.add.remote(count, failed, started, time.time())
         if self.on_batch is not None:
             self.on_batch(count)
         return table
@@ -323,9 +436,10 @@ def _output_table(batch, keypoints_yx: np.ndarray, peaks: np.ndarray, artifact_i
     columns = {
         "image_id": list(batch["image_id"]),
         "uri": list(batch["uri"]),
+        "content_hash": text(batch["content_hash"]),
         "width": [int(w) if good else None for w, good in zip(batch["width"], ok)],
         "height": [int(h) if good else None for h, good in zip(batch["height"], ok)],
-        "crop_box": [_crop_box(box) for box in batch["crop_box"]],
+        "crop_box": [[int(v) for v in box] if has else None for box, has in zip(batch["crop_box"], batch["has_crop"])],
         "keypoints_xy": lists(pixels),
         "keypoints_xy_normalized": lists(normalized),
         "peaks": lists(peaks),
@@ -340,45 +454,17 @@ def _output_table(batch, keypoints_yx: np.ndarray, peaks: np.ndarray, artifact_i
     return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
 
 
-def labelled_ids(output: str) -> set[str]:
-    """Image ids that already have a row in the Parquet files at ``output`` (none if it does not exist).
-
-    A file that cannot be read (a write cut off by a crash) is renamed to ``_incomplete-<name>``:
-    its images are labelled again, and Parquet readers skip names that start with "_".
-    """
-    path, filesystem = _parquet_location(output)
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return set()
-    ids = set()
-    for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet") or info.base_name[0] in "._":
-            continue
-        try:
-            table = pads.dataset(info.path, filesystem=filesystem, format="parquet").to_table(columns=["image_id"])
-        except (pa.ArrowInvalid, OSError) as error:
-            aside = posixpath.join(posixpath.dirname(info.path), "_incomplete-" + info.base_name)
-            print(f"[label] {info.path} cannot be read ({error}); moved to {aside}, its images are labelled again")
-            filesystem.move(info.path, aside)
-            continue
-        ids.update(table.column("image_id").to_pylist())
-    return ids
-
-
-def _summarise(output: str, run_id: str, listed: int, already: int, seconds: float) -> LabelSummary:
-    errors, labelled = Counter(), 0
+def _summarise(output: str, run_id: str, listed: int, already: int, started: float, labelling_s: float) -> LabelSummary:
+    errors, failures, labelled = Counter(), [], 0
     if already < listed:
-        path, filesystem = _parquet_location(output)
-        dataset = pads.dataset(path, filesystem=filesystem, format="parquet", exclude_invalid_files=True)
-        table = dataset.to_table(columns=["status", "error_cause"], filter=pads.field("run_id") == run_id)
+        table = label_files(output, log=lambda _: None).read(["uri", "status", "error_cause", "error", "run_id"])
+        table = table.filter(pc.equal(table["run_id"], run_id))
         labelled = table.num_rows
-        errors = Counter(cause for cause in table.column("error_cause").to_pylist() if cause)
-    return LabelSummary(output, listed, already, labelled, dict(errors), seconds, run_id)
-
-
-def _parquet_location(output: str) -> tuple[str, pafs.FileSystem]:
-    """The output as a path on a pyarrow filesystem: fsspec's (s3fs, gcsfs, ...) for URLs, so every
-    store fsspec knows works, with the same credentials and settings as the image reads."""
-    if "://" not in output:
-        return output, pafs.LocalFileSystem()
-    filesystem, path = fsspec.core.url_to_fs(output)
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+        failed = table.filter(pc.equal(table["status"], "error"))
+        errors = Counter(failed.column("error_cause").to_pylist())
+        failures = [
+            {"uri": row["uri"], "cause": row["error_cause"], "error": row["error"]}
+            for row in failed.slice(0, SUMMARY_FAILURES).to_pylist()
+        ]
+    seconds = time.perf_counter() - started
+    return LabelSummary(output, run_id, listed, already, labelled, dict(errors), failures, seconds, labelling_s)

@@ -33,7 +33,7 @@ class LossParts(NamedTuple):
 
 
 def sharpening_loss(
-    maps: torch.Tensor, *, sigma: float = 2.0, num_subjects: int = 1
+    maps: torch.Tensor, *, sigma: float = 2.0, num_subjects: int = 1, peak_disc: str = "centred"
 ) -> torch.Tensor:
     """``mean((maps - target)^2)`` over tokens and pixels; ``maps`` ``[T, H, W]``.
 
@@ -42,7 +42,7 @@ def sharpening_loss(
     """
     if maps.ndim != 3:
         raise ValueError(f"maps must have shape [T, H, W], got {list(maps.shape)}")
-    target = peak_targets(maps, sigma=sigma, num_subjects=num_subjects)
+    target = peak_targets(maps, sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc)
     return ((maps - target) ** 2).mean()
 
 
@@ -84,6 +84,7 @@ def image_keypoint_loss(
     furthest_point_num_samples: int = 25,
     sigma: float = 2.0,
     num_subjects: int = 1,
+    peak_disc: str = "centred",
     sharpening_loss_weight: float = 100.0,
     equivariance_attn_loss_weight: float = 1000.0,
 ) -> LossParts:
@@ -94,15 +95,16 @@ def image_keypoint_loss(
     Candidates: the ``furthest_point_num_samples`` lowest-KL tokens of ``maps``;
     chosen: FPS to ``top_k`` with locations from ``maps_transformed``.
     ``total = sharpening_loss_weight * L_sharp + equivariance_attn_loss_weight * L_eq``.
+    ``num_subjects`` and ``peak_disc``: see :func:`skp_ray.heatmaps.find_peaks`.
     """
     _check_image_pair(maps, maps_transformed, 3)
     if tuple(theta.shape) != (2, 3):
         raise ValueError(f"theta must have shape [2, 3], got {list(theta.shape)}")
     candidates = top_k_gaussian(
-        maps, furthest_point_num_samples, sigma=sigma, num_subjects=num_subjects
+        maps, furthest_point_num_samples, sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc
     )
     chosen = furthest_point_sampling(maps_transformed, top_k, candidates)
-    sharp = sharpening_loss(maps[chosen], sigma=sigma, num_subjects=num_subjects)
+    sharp = sharpening_loss(maps[chosen], sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc)
     equi = equivariance_loss(maps[chosen], maps_transformed[chosen], theta)
     total = sharpening_loss_weight * sharp + equivariance_attn_loss_weight * equi
     return LossParts(total, sharp, equi)
@@ -117,6 +119,7 @@ def batch_keypoint_loss(
     furthest_point_num_samples: int = 25,
     sigma: float = 2.0,
     num_subjects: int = 1,
+    peak_disc: str = "centred",
     sharpening_loss_weight: float = 100.0,
     equivariance_attn_loss_weight: float = 1000.0,
 ) -> LossParts:
@@ -137,6 +140,7 @@ def batch_keypoint_loss(
         furthest_point_num_samples=furthest_point_num_samples,
         sigma=sigma,
         num_subjects=num_subjects,
+        peak_disc=peak_disc,
         sharpening_loss_weight=sharpening_loss_weight,
         equivariance_attn_loss_weight=equivariance_attn_loss_weight,
     )

@@ -13,6 +13,7 @@ import torch
 from skp_ray.attention import attention_maps
 from skp_ray.diffusion import Diffusion
 from skp_ray.geometry import random_affine, warp
+from skp_ray.heatmaps import check_peak_disc
 from skp_ray.images import resize_batch
 from skp_ray.losses import LossParts, batch_keypoint_loss
 
@@ -37,6 +38,7 @@ def training_loss(
     furthest_point_num_samples: int = 25,
     sigma: float = 2.0,
     num_subjects: int = 1,
+    peak_disc: str = "centred",
     sharpening_loss_weight: float = 100.0,
     equivariance_attn_loss_weight: float = 1000.0,
     **map_options,
@@ -46,8 +48,10 @@ def training_loss(
     Draws one affine transform per image (unless ``thetas`` [B, 2, 3] is
     given), then the maps of the images and of their transformed copies, each
     UNet call with fresh noise from ``generator`` (unless ``noise``, the latent
-    noise for the images and for their copies, is given).
+    noise for the images and for their copies, is given). The loss options are
+    :func:`skp_ray.losses.batch_keypoint_loss`'s.
     """
+    check_peak_disc(peak_disc)  # before the UNet runs
     size = map_options.get("image_size") or diffusion.image_size
     images = resize_batch(images, size)
     if thetas is None:
@@ -66,6 +70,7 @@ def training_loss(
         furthest_point_num_samples=furthest_point_num_samples,
         sigma=sigma,
         num_subjects=num_subjects,
+        peak_disc=peak_disc,
         sharpening_loss_weight=sharpening_loss_weight,
         equivariance_attn_loss_weight=equivariance_attn_loss_weight,
     )

@@ -1,8 +1,11 @@
 """Pictures a person can check, drawn with PIL only.
 
 Images come in as float [3, H, W] in [0, 1] (torch tensor or numpy array) or as
-PIL images; keypoints as [K, 2] normalised (y, x) = (row, col), a pixel's
-centre being at index + 0.5 (so pixel column j spans x in [j/W, (j+1)/W)).
+PIL images; keypoints as [K, 2] in one of ``ORDERS``, named by an ``order``
+argument: normalised (y, x) = (row, col) (the default), normalised (x, y) as
+the labelling job's ``keypoints_xy_normalized``, or (x, y) in pixels of the
+picture drawn on. A pixel's centre is at index + 0.5 (so pixel column j spans
+x in [j, j + 1) pixels, [j/W, (j+1)/W) normalised).
 """
 
 from __future__ import annotations
@@ -16,7 +19,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["keypoint_colours", "draw_keypoints", "image_grid", "heatmap_overlay", "keypoint_sheet", "line_plot"]
+__all__ = [
+    "ORDERS",
+    "axis_ticks",
+    "captioned",
+    "draw_keypoints",
+    "heatmap_overlay",
+    "image_grid",
+    "keypoint_colours",
+    "keypoint_sheet",
+    "label_rows",
+    "landmark_comparison",
+    "line_plot",
+    "text_panel",
+]
+
+# How a keypoint array [K, 2] is read: its coordinate order and unit.
+ORDERS = ("yx_normalized", "xy_normalized", "xy_pixels")
 
 # Kelly's colours of maximum contrast (without white, black and the near-greys), in order.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -59,6 +78,8 @@ _RAMP = np.array(
 )
 
 _OUTLINE = (20, 20, 20)
+_INK = (40, 40, 40)
+_WHITE = (255, 255, 255)
 
 
 def keypoint_colours(k: int) -> list[tuple[int, int, int]]:
@@ -85,43 +106,66 @@ def draw_keypoints(
     image: torch.Tensor | np.ndarray | Image.Image,
     keypoints: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
     *,
+    order: str = "yx_normalized",
     numbered: bool = True,
     radius: float | None = None,
+    only: int | None = None,
 ) -> Image.Image:
-    """Draw keypoints [K, 2] (normalised (y, x)) on a copy of ``image``.
+    """Draw keypoints [K, 2] (read as ``order``, one of ``ORDERS``) on a copy of ``image``.
 
     Keypoint i is a filled circle in ``keypoint_colours(K)[i]`` with a dark
-    outline, labelled with i when ``numbered``. Non-finite keypoints are
+    outline, labelled with i when ``numbered``; the label sits above and to
+    the right of the point, moved left or below where it would leave the
+    picture, so it is always whole. ``only`` draws keypoint ``only`` alone
+    (still in its colour and with its number). Non-finite keypoints are
     skipped. ``radius`` is in pixels (default: about 1/64 of the shorter side,
     at least 3).
     """
     picture = to_pil(image).copy()
-    points = _as_numpy(keypoints).reshape(-1, 2).astype(np.float64)
-    width, height = picture.size
-    if radius is None:
-        radius = max(3.0, min(width, height) / 64.0)
+    centres = _pil_xy(keypoints, order, picture.size)
+    radius = _radius(picture) if radius is None else radius
     draw = ImageDraw.Draw(picture)
     font = _font(max(10, int(round(radius * 2.5))))
-    colours = keypoint_colours(len(points))
-    for i, (y, x) in enumerate(points):
-        if not (math.isfinite(y) and math.isfinite(x)):
+    outline = max(1, int(radius // 3))
+    colours = keypoint_colours(len(centres))
+    for i, (cx, cy) in enumerate(centres):
+        if (only is not None and i != only) or not (math.isfinite(cx) and math.isfinite(cy)):
             continue
-        # PIL coordinates are pixel indices, so the continuous position minus a half pixel
-        cx, cy = x * width - 0.5, y * height - 0.5
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
-        draw.ellipse(box, fill=colours[i], outline=_OUTLINE, width=max(1, int(radius // 3)))
+        draw.ellipse(box, fill=colours[i], outline=_OUTLINE, width=outline)
         if numbered:
-            _text(
-                draw,
-                (cx + radius + 1, cy - radius - 1),
-                str(i),
-                font,
-                "lb",
-                fill=colours[i],
-                stroke_width=max(1, int(radius // 3)),
-                stroke_fill=_OUTLINE,
-            )
+            _point_label(draw, picture.size, (cx, cy), radius, str(i), font, colours[i], outline)
     return picture
+
+
+def _pil_xy(keypoints, order: str, size: tuple[int, int]) -> np.ndarray:
+    """Keypoints [K, 2] in ``order`` -> (x, y) [K, 2] in PIL coordinates (pixel indices, so centre - 0.5)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    points = _as_numpy(keypoints).reshape(-1, 2).astype(np.float64)
+    if order == "yx_normalized":
+        points = points[:, ::-1]
+    if order != "xy_pixels":
+        points = points * np.asarray(size, dtype=np.float64)
+    return points - 0.5
+
+
+def _radius(picture: Image.Image) -> float:
+    return max(3.0, min(picture.size) / 64.0)
+
+
+def _point_label(draw: ImageDraw.ImageDraw, size, centre, radius: float, text: str, font, colour, stroke: int) -> None:
+    """``text`` beside the point at ``centre``, flipped and clamped so that all of it lies in the picture."""
+    width, height = size
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
+    text_w, text_h = right - left, bottom - top
+    cx, cy = centre
+    x = cx + radius + 1 if cx + radius + 1 + text_w <= width else cx - radius - 1 - text_w
+    y = cy - radius - 1 - text_h if cy - radius - 1 - text_h >= 0 else cy + radius + 1
+    x = min(max(x, 0), width - text_w)
+    y = min(max(y, 0), height - text_h)
+    position = (int(round(x - left)), int(round(y - top)))
+    draw.text(position, text, font=font, fill=colour, stroke_width=stroke, stroke_fill=_OUTLINE)
 
 
 def landmark_comparison(
@@ -129,24 +173,25 @@ def landmark_comparison(
     truth: np.ndarray,
     prediction: np.ndarray,
     visible: np.ndarray | None = None,
+    *,
+    order: str = "yx_normalized",
 ) -> Image.Image:
-    """Ground-truth landmarks [M, 2] (normalised (y, x)) as rings, predictions as numbered dots, a line
-    joining each pair; landmark j has colour j in both. Invisible ground truth (``visible`` False) is left
-    out, its prediction still drawn."""
-    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    """Ground-truth landmarks [M, 2] as rings, predictions [M, 2] as numbered dots, a line joining each pair;
+    landmark j has colour j in both. Both are read as ``order`` (one of ``ORDERS``). Invisible ground
+    truth (``visible`` False) is left out, its prediction still drawn."""
+    picture = draw_keypoints(image, prediction, order=order)
+    truth_xy = _pil_xy(truth, order, picture.size)
     if visible is not None:
-        truth = np.where(np.asarray(visible, dtype=bool)[:, None], truth, np.nan)
-    picture = draw_keypoints(image, prediction)
-    width, height = picture.size
-    radius = max(3.0, min(width, height) / 64.0)
+        truth_xy = np.where(np.asarray(visible, dtype=bool)[:, None], truth_xy, np.nan)
+    predicted_xy = _pil_xy(prediction, order, picture.size)
+    radius = _radius(picture)
+    colours = keypoint_colours(len(truth_xy))
     draw = ImageDraw.Draw(picture)
-    for j, ((ty, tx), (py, px)) in enumerate(zip(truth, np.asarray(prediction).reshape(-1, 2))):
-        if not (math.isfinite(ty) and math.isfinite(tx)):
+    for colour, (tx, ty), (px, py) in zip(colours, truth_xy, predicted_xy):
+        if not (math.isfinite(tx) and math.isfinite(ty)):
             continue
-        colour = keypoint_colours(len(truth))[j]
-        cx, cy = tx * width - 0.5, ty * height - 0.5
-        draw.line([(cx, cy), (px * width - 0.5, py * height - 0.5)], fill=colour, width=1)
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=2)
+        draw.line([(tx, ty), (px, py)], fill=colour, width=1)
+        draw.ellipse([tx - radius, ty - radius, tx + radius, ty + radius], outline=colour, width=2)
     return picture
 
 
@@ -155,39 +200,143 @@ def image_grid(
     *,
     columns: int = 4,
     pad: int = 4,
-    background: tuple[int, int, int] = (255, 255, 255),
+    background: tuple[int, int, int] = _WHITE,
+    tight: bool = False,
 ) -> Image.Image:
     """Tile pictures row by row into one RGB image.
 
     Each cell is as large as the largest picture; pictures sit at their
     cell's top-left. With n pictures the grid has min(columns, n) columns and
-    ceil(n / columns) rows, ``pad`` pixels around and between cells.
+    ceil(n / columns) rows, ``pad`` pixels around and between cells. With
+    ``tight`` each picture takes only its own width and each row only its
+    tallest picture's height (for pictures of different sizes), and the
+    image is as wide as the widest row.
     """
     if not pictures:
         raise ValueError("image_grid needs at least one picture")
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
-    cols = min(columns, len(pictures))
-    rows = math.ceil(len(pictures) / cols)
     cell_w = max(p.width for p in pictures)
     cell_h = max(p.height for p in pictures)
-    canvas = Image.new("RGB", (cols * cell_w + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), background)
-    for i, picture in enumerate(pictures):
-        r, c = divmod(i, cols)
-        canvas.paste(picture.convert("RGB"), (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
+    positions, width, y = [], 0, pad
+    for start in range(0, len(pictures), columns):
+        row = pictures[start : start + columns]
+        x = pad
+        for picture in row:
+            positions.append((x, y))
+            x += (picture.width if tight else cell_w) + pad
+        width = max(width, x)
+        y += (max(p.height for p in row) if tight else cell_h) + pad
+    canvas = Image.new("RGB", (width, y), background)
+    for picture, position in zip(pictures, positions):
+        canvas.paste(picture.convert("RGB"), position)
     return canvas
 
 
-def keypoint_sheet(images: torch.Tensor, keypoints: torch.Tensor, maps: torch.Tensor) -> Image.Image:
-    """Top row: each image [B, 3, H, W] with its numbered keypoints [B, K, 2].
+def text_panel(
+    width: int,
+    height: int,
+    lines: str | Sequence[str],
+    *,
+    font_size: int | None = None,
+    background: tuple[int, int, int] = _WHITE,
+    colour: tuple[int, int, int] = _INK,
+) -> Image.Image:
+    """A ``width`` x ``height`` panel with ``lines`` centred on it, wrapped at spaces to fit its width (a
+    word too long for it is shortened in the middle with "..."); lines beyond its height are left out."""
+    font = _font(font_size or _caption_size(width, height))
+    wrapped = _wrap(lines, font, width - 4)
+    line_h = _line_height(font)
+    fitting = wrapped[: max(1, (height - 4) // line_h)]
+    panel = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(panel)
+    y = (height - len(fitting) * line_h) / 2
+    for line in fitting:
+        _text(draw, (width / 2, y), line, font, "ma", fill=colour)
+        y += line_h
+    return panel
 
-    Bottom row: the first image under each keypoint token's map [K, h, w],
-    with its keypoints drawn again so a map can be matched to its number.
+
+def captioned(picture: Image.Image, lines: str | Sequence[str], *, font_size: int | None = None) -> Image.Image:
+    """``picture`` above a white strip holding ``lines``, wrapped to the picture's width (see ``text_panel``).
+
+    The font size defaults to 1/16 of the picture's shorter side, between 11 and 22 pixels."""
+    font_size = font_size or _caption_size(*picture.size)
+    font = _font(font_size)
+    count = len(_wrap(lines, font, picture.width - 4))
+    strip = text_panel(picture.width, count * _line_height(font) + 4, lines, font_size=font_size)
+    return _stack([picture, strip])
+
+
+def label_rows(
+    rows: Sequence[Image.Image],
+    labels: Sequence[str],
+    *,
+    colours: Sequence[tuple[int, int, int]] | None = None,
+    pad: int = 2,
+    font_size: int | None = None,
+) -> Image.Image:
+    """Stack ``rows`` (pictures) with ``labels[i]`` written left of row i, in ``colours[i]`` with a dark
+    outline (default: dark ink), all labels in one column as wide as the widest."""
+    if len(rows) != len(labels):
+        raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+    font = _font(font_size or _caption_size(*rows[0].size))
+    measure = ImageDraw.Draw(rows[0].copy())
+    column = max(int(measure.textlength(label, font=font)) for label in labels) + 8
+    labelled = []
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        panel = Image.new("RGB", (column + row.width, row.height), _WHITE)
+        panel.paste(row.convert("RGB"), (column, 0))
+        draw = ImageDraw.Draw(panel)
+        if colours is None:
+            _text(draw, (4, row.height / 2), label, font, "lm", fill=_INK)
+        else:
+            _text(draw, (4, row.height / 2), label, font, "lm", fill=colours[i], stroke_width=1, stroke_fill=_OUTLINE)
+        labelled.append(panel)
+    return image_grid(labelled, columns=1, pad=pad)
+
+
+def keypoint_sheet(
+    images: torch.Tensor,
+    keypoints: torch.Tensor,
+    maps: torch.Tensor,
+    *,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    captions: Sequence[str] | None = None,
+) -> Image.Image:
+    """Each image [B, 3, H, W] with its numbered keypoints [B, K, 2] (normalised (y, x)), then the first
+    image under each keypoint token's map [K, h, w] with only that keypoint drawn.
+
+    Panels are captioned (``captions[i]`` or "image i", and "keypoint k map") and flow row by row: the
+    images fill the first row, the maps follow, so the sheet has no empty cells but in its last row.
+    ``sizes`` gives each image's original (height, width): its panels are then shown at that aspect, at
+    the images' height.
     """
-    marked = [draw_keypoints(image, points) for image, points in zip(images, keypoints)]
-    overlays = [draw_keypoints(heatmap_overlay(images[0], token_map), keypoints[0]) for token_map in maps]
-    columns = max(len(marked), len(overlays), 1)
-    return image_grid([image_grid(marked, columns=columns), image_grid(overlays, columns=columns)], columns=1)
+    views = [_at_aspect(image, sizes[i] if sizes is not None else None) for i, image in enumerate(images)]
+    names = list(captions) if captions is not None else [f"image {i}" for i in range(len(views))]
+    height = views[0].height  # every panel's: one dot and font size for all, whatever their widths
+    radius, font_size = max(3.0, height / 64.0), _caption_size(height, height)
+
+    def panel(picture: Image.Image, points, caption: str, only: int | None = None) -> Image.Image:
+        return captioned(draw_keypoints(picture, points, radius=radius, only=only), caption, font_size=font_size)
+
+    marked = [panel(view, points, name) for view, points, name in zip(views, keypoints, names)]
+    overlays = [
+        panel(heatmap_overlay(views[0], token_map), keypoints[0], f"keypoint {k} map", only=k)
+        for k, token_map in enumerate(maps)
+    ]
+    columns = max(len(marked), math.ceil(math.sqrt(len(marked) + len(overlays))))
+    return image_grid(marked + overlays, columns=columns, tight=True)
+
+
+def _at_aspect(image, size: tuple[int, int] | None) -> Image.Image:
+    """``image`` as a PIL image, resized to the aspect of ``size`` (height, width) at its own height."""
+    picture = to_pil(image)
+    if size is None:
+        return picture
+    height, width = size
+    shown_width = max(1, int(round(picture.height * width / height)))
+    return picture.resize((shown_width, picture.height), Image.Resampling.BICUBIC)
 
 
 def heatmap_overlay(
@@ -227,39 +376,67 @@ def colour_ramp(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(v, anchors, _RAMP[:, c]) for c in range(3)], axis=-1)
 
 
-def line_plot(values: Sequence[float], *, title: str = "", width: int = 480, height: int = 320) -> Image.Image:
-    """A minimal line chart of ``values`` against their index (e.g. a loss curve).
+def line_plot(
+    values: Sequence[float],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    width: int = 480,
+    height: int = 320,
+) -> Image.Image:
+    """A line chart of ``values`` against their step, the first value being step 1 (e.g. a loss curve).
 
-    Axes with the min/max value on the y axis and the first/last index on the
-    x axis; non-finite values break the line. Returns an RGB image
-    [width x height].
+    The x axis is ticked at step 1, the last step and a few round steps between; the y axis at the min,
+    the max and a few round values between, with light grid lines. ``xlabel`` sits under the x axis,
+    ``ylabel`` (turned) left of the y axis; room for them is kept even when they are empty. Non-finite
+    values break the line. Returns an RGB image [width x height].
     """
     values = [float(v) for v in values]
-    picture = Image.new("RGB", (width, height), (255, 255, 255))
+    picture = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(picture)
     font = _font(11)
-    left, right, top, bottom = 64, width - 12, 24, height - 28
-    ink, line = (40, 40, 40), (31, 119, 180)
+    line_h = _line_height(font)
+    finite = [v for v in values if math.isfinite(v)]
+    y_ticks = axis_ticks(min(finite), max(finite)) if finite else []
+    tick_w = max([draw.textlength(_fmt(v), font=font) for v in y_ticks], default=0)
+    left, right = int(line_h + 10 + tick_w), width - 16
+    top, bottom = (line_h + 8 if title else 10), height - 2 * line_h - 10
+    ink, line = _INK, (31, 119, 180)
     if title:
         _text(draw, (width / 2, 4), title, font, "ma", fill=ink)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=ink, width=1)
-
-    finite = [v for v in values if math.isfinite(v)]
+    if xlabel:
+        _text(draw, ((left + right) / 2, height - line_h - 2), xlabel, font, "ma", fill=ink)
+    if ylabel:
+        _paste_turned_text(picture, ylabel, font, (2, (top + bottom) / 2))
     if not finite:
+        draw.line([(left, top), (left, bottom), (right, bottom)], fill=ink, width=1)
         _text(draw, ((left + right) / 2, (top + bottom) / 2), "no data", font, "mm", fill=ink)
         return picture
     lo, hi = min(finite), max(finite)
     span = hi - lo if hi > lo else (abs(hi) or 1.0)
     base = lo if hi > lo else lo - span / 2  # a flat series sits mid-height
+    last = len(values)
 
-    def point(i: int, v: float) -> tuple[float, float]:
-        fx = i / (len(values) - 1) if len(values) > 1 else 0.5
-        return left + fx * (right - left), bottom - (v - base) / span * (bottom - top)
+    def x_of(step: float) -> float:
+        return left + (step - 1) / (last - 1) * (right - left) if last > 1 else (left + right) / 2
+
+    def y_of(v: float) -> float:  # a few pixels off the x axis and the top, so the line never hides them
+        return bottom - 6 - (v - base) / span * (bottom - top - 12)
+
+    for v in y_ticks:
+        draw.line([(left, y_of(v)), (right, y_of(v))], fill=(228, 228, 228), width=1)
+        draw.line([(left - 4, y_of(v)), (left, y_of(v))], fill=ink, width=1)
+        _text(draw, (left - 6, y_of(v)), _fmt(v), font, "rm", fill=ink)
+    for step in axis_ticks(1, last, integer=True):
+        draw.line([(x_of(step), bottom), (x_of(step), bottom + 4)], fill=ink, width=1)
+        _text(draw, (x_of(step), bottom + 6), str(int(step)), font, "ma", fill=ink)
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=ink, width=1)
 
     segment: list[tuple[float, float]] = []
-    for i, v in enumerate(values + [math.nan]):  # trailing nan flushes the last segment
+    for step, v in enumerate(values + [math.nan], start=1):  # trailing nan flushes the last segment
         if math.isfinite(v):
-            segment.append(point(i, v))
+            segment.append((x_of(step), y_of(v)))
             continue
         if len(segment) > 1:
             draw.line(segment, fill=line, width=2)
@@ -267,15 +444,71 @@ def line_plot(values: Sequence[float], *, title: str = "", width: int = 480, hei
             x, y = segment[0]
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=line)
         segment = []
-
-    _, y_hi = point(0, hi)
-    _, y_lo = point(0, lo)
-    _text(draw, (left - 4, y_hi), _fmt(hi), font, "rm", fill=ink)
-    if hi > lo:
-        _text(draw, (left - 4, y_lo), _fmt(lo), font, "rm", fill=ink)
-    _text(draw, (left, bottom + 4), "0", font, "ma", fill=ink)
-    _text(draw, (right, bottom + 4), str(max(len(values) - 1, 0)), font, "ma", fill=ink)
     return picture
+
+
+def axis_ticks(first: float, last: float, *, count: int = 5, integer: bool = False) -> list[float]:
+    """Tick values for an axis from ``first`` to ``last``: both ends and the multiples of a round step
+    (1, 2 or 5 times a power of ten, about (last - first) / (count - 1); whole with ``integer``) between
+    them, leaving out those within half a step of an end so that labels do not overlap."""
+    if not last > first:
+        return [first]
+    raw = (last - first) / max(count - 1, 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = min((m * power for m in (1, 2, 5, 10)), key=lambda s: abs(math.log(s / raw)))
+    if integer:
+        step = max(1.0, round(step))
+    inner = [round(m * step, 12) for m in range(math.ceil(first / step), math.floor(last / step) + 1)]
+    return [first] + [v for v in inner if first + step / 2 < v < last - step / 2] + [last]
+
+
+def _paste_turned_text(picture: Image.Image, text: str, font, left_middle: tuple[float, float]) -> None:
+    """``text`` turned a quarter left (reading upwards), its left edge at x, centred on y."""
+    scratch = ImageDraw.Draw(picture)
+    box = scratch.textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (box[2] - box[0] + 2, box[3] - box[1] + 2), _WHITE)
+    ImageDraw.Draw(label).text((1 - box[0], 1 - box[1]), text, font=font, fill=_INK)
+    turned = label.rotate(90, expand=True)
+    x, y = left_middle
+    picture.paste(turned, (int(x), int(round(y - turned.height / 2))))
+
+
+def _stack(pictures: Sequence[Image.Image]) -> Image.Image:
+    """Pictures one above the other, no gap, on white; as wide as the widest."""
+    return image_grid(pictures, columns=1, pad=0, tight=True)
+
+
+def _caption_size(width: int, height: int) -> int:
+    return max(11, min(22, round(min(width, height) / 16)))
+
+
+def _line_height(font) -> int:
+    return font.getbbox("Ag")[3] + max(2, getattr(font, "size", 11) // 4)
+
+
+def _wrap(lines: str | Sequence[str], font, width: float) -> list[str]:
+    """Each line word-wrapped to ``width`` pixels; a word wider than that is shortened in its middle."""
+    wrapped = []
+    for line in [lines] if isinstance(lines, str) else lines:
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and font.getlength(candidate) > width:
+                wrapped.append(current)
+                candidate = word
+            current = _shorten(candidate, font, width)
+        wrapped.append(current)
+    return wrapped
+
+
+def _shorten(text: str, font, width: float) -> str:
+    """``text``, or its start and end joined by "..." if it is wider than ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 0 and font.getlength(text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2 :]) > width:
+        keep -= 1
+    return text[: (keep + 1) // 2] + "..." + text[len(text) - keep // 2 :]
 
 
 def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:

@@ -26,9 +26,17 @@ from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact
 from skp_ray.attention import attention_maps
-from skp_ray.images import ImageSource, read_source, resize_batch, to_tensor
+from skp_ray.images import ImageSource, load_source, resize_batch
 from skp_ray.labelling import DEFAULT_IMAGE_SIZE, detection_options, load_artifact_model
-from skp_ray.plotting import draw_keypoints, heatmap_overlay, image_grid, landmark_comparison, line_plot
+from skp_ray.plotting import (
+    draw_keypoints,
+    heatmap_overlay,
+    image_grid,
+    keypoint_colours,
+    label_rows,
+    landmark_comparison,
+    line_plot,
+)
 from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import connect, use_gpus
 
@@ -56,7 +64,7 @@ def write_report(evaluation, *, artifact: KeypointArtifact | None, config) -> di
             "attention.png",
             _attention_strips(artifact, views, evaluation.test.keypoints, config),
         )
-        pictures["Discovery loss"] = ("loss.png", line_plot(artifact.loss_history, title="discovery loss per step"))
+        pictures["Discovery loss"] = ("loss.png", line_plot(artifact.loss_history, title="discovery loss"))
     files = {title: name for title, (name, _) in pictures.items()}
     fs, folder = fsspec.core.url_to_fs(evaluation.output)
     for name, picture in pictures.values():
@@ -71,41 +79,40 @@ def _views(rows: list[dict]) -> torch.Tensor:
     views = []
     for row in rows:
         box = tuple(row["crop_box"]) if row["crop_box"] is not None else None
-        view, _ = read_source(ImageSource(row["uri"], box, row["mask_uri"]))
-        views.append(resize_batch(to_tensor(view)[None], PICTURE_SIZE))
-    return torch.cat(views)
-
-
-def _yx(points_xy: np.ndarray) -> np.ndarray:
-    return np.asarray(points_xy)[..., ::-1]
+        views.append(load_source(ImageSource(row["uri"], box, row["mask_uri"]), size=PICTURE_SIZE).pixels)
+    return torch.stack(views)
 
 
 def _keypoint_grid(views: torch.Tensor, keypoints_xy: np.ndarray) -> Image.Image:
-    marked = [draw_keypoints(view, _yx(points)) for view, points in zip(views, keypoints_xy)]
+    marked = [draw_keypoints(view, points, order="xy_normalized") for view, points in zip(views, keypoints_xy)]
     return image_grid(marked, columns=GRID_COLUMNS)
 
 
 def _landmark_grid(views: torch.Tensor, evaluation) -> Image.Image:
     test = evaluation.test
     marked = [
-        landmark_comparison(view, _yx(truth), _yx(prediction), visible)
+        landmark_comparison(view, truth, prediction, visible, order="xy_normalized")
         for view, truth, prediction, visible in zip(views, test.landmarks, evaluation.prediction, test.visible)
     ]
     return image_grid(marked, columns=GRID_COLUMNS)
 
 
 def _attention_strips(artifact, views: torch.Tensor, keypoints_xy: np.ndarray, config) -> Image.Image:
-    """Row k: keypoint k's attention map over each test image, with that keypoint (number k, colour k)."""
-    maps = _token_maps(artifact, views, config)  # [N, K, h, w]
+    return _attention_picture(views, _token_maps(artifact, views, config), keypoints_xy)
+
+
+def _attention_picture(views: torch.Tensor, maps: torch.Tensor, keypoints_xy: np.ndarray) -> Image.Image:
+    """Row k, labelled "keypoint k" in colour k: keypoint k's map [N, K, h, w] over each view, with that
+    keypoint (normalised (x, y) [N, K, 2]) drawn alone."""
+    count = maps.shape[1]
     rows = []
-    for k in range(maps.shape[1]):
-        only_k = np.full(keypoints_xy.shape[1:], np.nan)
-        cells = []
-        for view, image_maps, points in zip(views, maps, keypoints_xy):
-            only_k[k] = _yx(points[k])
-            cells.append(draw_keypoints(heatmap_overlay(view, image_maps[k]), only_k))
+    for k in range(count):
+        cells = [
+            draw_keypoints(heatmap_overlay(view, image_maps[k]), points, order="xy_normalized", only=k)
+            for view, image_maps, points in zip(views, maps, keypoints_xy)
+        ]
         rows.append(image_grid(cells, columns=len(cells), pad=2))
-    return image_grid(rows, columns=1, pad=2)
+    return label_rows(rows, [f"keypoint {k}" for k in range(count)], colours=keypoint_colours(count))
 
 
 def _token_maps(artifact, views: torch.Tensor, config) -> torch.Tensor:

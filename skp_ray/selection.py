@@ -27,15 +27,17 @@ def _check_token_maps(maps: torch.Tensor, name: str = "maps") -> None:
 
 
 @torch.no_grad()
-def gaussian_kl(maps: torch.Tensor, *, sigma: float = 2.0, num_subjects: int = 1) -> torch.Tensor:
+def gaussian_kl(
+    maps: torch.Tensor, *, sigma: float = 2.0, num_subjects: int = 1, peak_disc: str = "centred"
+) -> torch.Tensor:
     """Per-token KL(P_t || Q_t) ``[T]`` (SPEC 1.3), in float32 (float64 for float64 maps).
 
-    ``P_t = (G_t + 1e-5) / sum``, ``G_t`` = :func:`peak_targets`;
+    ``P_t = (G_t + 1e-5) / sum``, ``G_t`` = :func:`peak_targets` (``num_subjects``, ``peak_disc`` as there);
     ``Q_t = softmax over pixels of (A_t + 1e-5)``.
     """
     _check_token_maps(maps)
     work = maps.detach().to(torch.promote_types(maps.dtype, torch.float32))
-    p = peak_targets(work, sigma=sigma, num_subjects=num_subjects).flatten(1) + _EPS
+    p = peak_targets(work, sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc).flatten(1) + _EPS
     p = p / p.sum(dim=1, keepdim=True)
     log_q = torch.log_softmax(work.flatten(1) + _EPS, dim=1)
     return (p * (p.log() - log_q)).sum(dim=1)
@@ -43,7 +45,7 @@ def gaussian_kl(maps: torch.Tensor, *, sigma: float = 2.0, num_subjects: int = 1
 
 @torch.no_grad()
 def top_k_gaussian(
-    maps: torch.Tensor, k: int, *, sigma: float = 2.0, num_subjects: int = 1
+    maps: torch.Tensor, k: int, *, sigma: float = 2.0, num_subjects: int = 1, peak_disc: str = "centred"
 ) -> torch.Tensor:
     """The ``k`` tokens whose maps are closest to a Gaussian at their peak(s).
 
@@ -54,7 +56,7 @@ def top_k_gaussian(
     num_tokens = maps.shape[0]
     if not 1 <= k <= num_tokens:
         raise ValueError(f"k must be in [1, T] = [1, {num_tokens}] (number of tokens), got {k}")
-    kl = gaussian_kl(maps, sigma=sigma, num_subjects=num_subjects)
+    kl = gaussian_kl(maps, sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc)
     return torch.sort(kl, stable=True).indices[:k]
 
 
@@ -109,6 +111,7 @@ def token_pick_counts(
     furthest_point_num_samples: int = 25,
     sigma: float = 2.0,
     num_subjects: int = 1,
+    peak_disc: str = "centred",
 ) -> torch.Tensor:
     """How often each token is picked over ``N`` images (SPEC 1.4).
 
@@ -121,7 +124,7 @@ def token_pick_counts(
     counts = torch.zeros(maps.shape[1], dtype=torch.long, device=maps.device)
     for image_maps in maps:
         candidates = top_k_gaussian(
-            image_maps, furthest_point_num_samples, sigma=sigma, num_subjects=num_subjects
+            image_maps, furthest_point_num_samples, sigma=sigma, num_subjects=num_subjects, peak_disc=peak_disc
         )
         chosen = furthest_point_sampling(image_maps, top_k, candidates)
         counts += torch.bincount(chosen, minlength=maps.shape[1])

@@ -58,3 +58,33 @@ def ray_session(s3_endpoint):
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Real photographs (scikit-learn's samples) brightened until large regions saturate, as JPEG and PNG,
+    half of them not square: antialiased resizing overshoots 1 on such pixels (a rounding error)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder = tmp_path_factory.mktemp("photos")
+    for i, photo in enumerate(load_sample_images().images):
+        bright = np.clip(photo.astype(np.float32) * 1.8, 0, 255).astype(np.uint8)[::4, ::4]
+        Image.fromarray(bright).save(folder / f"photo_{i}.jpg", quality=92)
+        Image.fromarray(bright[:, : bright.shape[1] // 3]).save(folder / f"photo_{i}_tall.png")
+    return folder
+
+
+@pytest.fixture
+def refuse_ray(monkeypatch):
+    """``refuse_ray("skp_ray.labelling")``: that module's ``connect`` fails the test if reached, for
+    checks that must refuse on the driver before Ray starts anything."""
+
+    def refuse():
+        raise AssertionError("Ray was reached: the driver should have refused first")
+
+    def install(module: str) -> None:
+        monkeypatch.setattr(f"{module}.connect", refuse)
+
+    return install

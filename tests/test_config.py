@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from skp_ray.config import parse_settings
+from skp_ray.config import checked, parse_settings
 from skp_ray.discovery import EMBEDDED_DEFAULT, DiscoveryConfig, discovery_config
 
 
@@ -38,6 +38,11 @@ def test_flags_override_the_yaml_file(tmp_path):
         ("num_step: 3\n", r"unknown option\(s\) \['num_step'\]"),
         ("- 1\n- 2\n", "must hold a mapping"),
         ("a: [\n", "not valid YAML"),
+        ("lr: fast\n", "lr: expected a number, got 'fast'"),
+        ("layers: 0 one 2\n", "layers: expected a whole number, got 'one'"),
+        ("augment_scale: 0.8\n", "augment_scale: expected 2 values"),
+        ("use_gpu: maybe\n", "use_gpu: expected true or false"),
+        ("num_steps: 2.5\n", "num_steps: expected a whole number"),
     ],
 )
 def test_a_bad_yaml_file_is_named_in_the_error(tmp_path, text, message):
@@ -79,3 +84,49 @@ def test_required_settings_may_come_from_flags_or_the_file(tmp_path, capsys):
     config.write_text("artifact: outputs/run\noutput: labels/\n")
     settings = parse_settings(LabelConfig, ["--config", str(config), "--input", "images/"])
     assert LabelConfig(**settings).artifact == "outputs/run"
+
+
+def test_yaml_strings_are_typed_on_the_driver(tmp_path):
+    """PyYAML reads 5e-3 and "0 1 2" as strings: both are accepted as what the option means."""
+    config = tmp_path / "discover.yaml"
+    config.write_text("lr: 5e-3\nlayers: 0 1 2\nnum_steps: '20'\naugment_scale: [0.7, '1']\nuse_gpu: 'no'\n")
+    settings = parse_settings(DiscoveryConfig, ["--config", str(config)])
+    assert settings["lr"] == 0.005 and isinstance(settings["lr"], float)
+    assert settings["layers"] == (0, 1, 2) and settings["num_steps"] == 20
+    assert settings["augment_scale"] == (0.7, 1.0) and settings["use_gpu"] is False
+
+
+def test_a_config_built_in_python_is_typed_too():
+    config = checked(DiscoveryConfig(lr="5e-3", layers="0 1"))
+    assert (config.lr, config.layers) == (0.005, (0, 1))
+    with pytest.raises(ValueError, match="num_tokens: expected a whole number"):
+        checked(DiscoveryConfig(num_tokens="many"))
+
+
+@pytest.mark.parametrize(
+    "job, config_class",
+    [
+        ("jobs/discover.py", "skp_ray.discovery:DiscoveryConfig"),
+        ("jobs/label.py", "skp_ray.labelling:LabelConfig"),
+        ("jobs/evaluate.py", "skp_ray.evaluation:EvaluateConfig"),
+        ("jobs/manifest.py", "skp_ray.datasets:ManifestConfig"),
+    ],
+)
+def test_help_describes_every_option(job, config_class):
+    import dataclasses
+    import importlib
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module, name = config_class.split(":")
+    fields = dataclasses.fields(getattr(importlib.import_module(module), name))
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, job, "--help"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help text
+    for field in fields:
+        description = " ".join(field.metadata.get("help", "").split())
+        assert description, f"{job}: --{field.name} has no help text"
+        assert re.search(rf"--{field.name}\b", text) and description in text, f"{job}: --{field.name}"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from skp_ray.datasets import DATASETS, MANIFEST_SCHEMA, build_manifest, read_manifest, write_manifest
 from skp_ray.datasets.manifest import DATASET_METADATA_KEY, manifest_table
+from skp_ray.images import list_sources
 from skp_ray.randomness import keyed_generator
 from skp_ray.samples import write_sample_images
 
@@ -134,12 +135,15 @@ def test_missing_annotation_file_is_named(tmp_path):
 # ---------------------------------------------------------------- CUB aligned (HDF5)
 
 
-def test_cub_aligned_writes_pngs_and_masks_invisible(tmp_path):
+def test_cub_aligned_writes_pngs_swaps_to_xy_and_masks_invisible(tmp_path):
     rng = np.random.default_rng(0)
-    train_img = rng.integers(0, 256, size=(3, 3, 8, 10), dtype=np.uint8)
-    test_img = rng.integers(0, 256, size=(2, 3, 8, 10), dtype=np.uint8)
+    train_img = rng.integers(0, 100, size=(3, 3, 8, 8), dtype=np.uint8)
+    test_img = rng.integers(0, 100, size=(2, 3, 8, 8), dtype=np.uint8)
     train_kp = rng.uniform(0, 1, size=(3, 4, 2))
     test_kp = rng.uniform(0, 1, size=(2, 4, 2))
+    # cub.h5 stores (y, x) = (row, col): keypoint 0 of train image 1 sits on a white pixel at row 2, col 6
+    train_img[1, :, 2, 6] = 255
+    train_kp[1, 0] = [2.5 / 8, 6.5 / 8]
     train_vis = np.ones((3, 4))
     train_vis[1, 2] = 0
     test_vis = np.ones((2, 4))
@@ -162,11 +166,16 @@ def test_cub_aligned_writes_pngs_and_masks_invisible(tmp_path):
     assert column(table, "split") == ["train"] * 3 + ["test"] * 2
     row = row_of(table, "train/00001")
     assert row["uri"] == os.path.abspath(workdir / "cub_aligned" / "train" / "00001.png")
-    assert np.array_equal(np.asarray(Image.open(row["uri"])), train_img[1].transpose(1, 2, 0))
+    pixels = np.asarray(Image.open(row["uri"]))
+    assert np.array_equal(pixels, train_img[1].transpose(1, 2, 0))
     assert row["visible"] == [True, True, False, True]
     points = np.asarray(row["landmarks_xy"])
+    assert points[0] == pytest.approx([6.5 / 8, 2.5 / 8])  # (x, y) = (col, row)
+    x, y = points[0] * 8
+    assert pixels[int(y), int(x)].tolist() == [255, 255, 255]
     assert np.isnan(points[2]).all()
-    assert points[[0, 1, 3]] == pytest.approx(train_kp[1][[0, 1, 3]])
+    assert points[[1, 3]] == pytest.approx(train_kp[1][[1, 3]][:, ::-1])
+    assert np.asarray(row_of(table, "test/00001")["landmarks_xy"]) == pytest.approx(test_kp[1][:, ::-1])
 
     with pytest.raises(ValueError, match="workdir"):
         build_manifest("cub_aligned", str(root))
@@ -263,8 +272,11 @@ def test_cub_sfm_length_mismatch_is_an_error(tmp_path):
 # ---------------------------------------------------------------- Tai-Chi
 
 
-def test_taichi_zero_coordinate_is_invisible(tmp_path):
-    frames = {
+def make_taichi(root, frames=("video_b/0001.png", "video_a/0002.png", "video_a/0001.png")):
+    """Video frames under train/ (unannotated) and the annotated evaluation images with their pickles."""
+    for name in frames:
+        save_image(str(root / "train" / name), 64, 64)
+    annotations = {
         "train": pd.DataFrame(
             {
                 "file_name": ["b.png", "a.png"],
@@ -273,23 +285,69 @@ def test_taichi_zero_coordinate_is_invisible(tmp_path):
         ),
         "test": pd.DataFrame({"file_name": ["c.png"], "value": [np.array([[256.0, 0.0], [128.0, 128.0]])]}),
     }
-    for split, frame in frames.items():
-        os.makedirs(tmp_path / "landmark", exist_ok=True)
-        frame.to_pickle(tmp_path / "landmark" / f"taichi_{split}_gt.pkl")
+    for split, frame in annotations.items():
+        os.makedirs(root / "landmark", exist_ok=True)
+        frame.to_pickle(root / "landmark" / f"taichi_{split}_gt.pkl")
         for name in frame["file_name"]:
-            save_image(str(tmp_path / "eval_images/taichi-256" / split / name), 128, 128)
+            save_image(str(root / "eval_images/taichi-256" / split / name), 128, 128)
 
+
+def test_taichi_learns_from_train_frames_and_regresses_on_eval_images(tmp_path):
+    make_taichi(tmp_path)
     table = build_manifest("taichi", str(tmp_path))
-    assert column(table, "key") == ["train/b.png", "train/a.png", "test/c.png"]  # pickle order
-    assert column(table, "split") == ["train", "train", "test"]
-    row = row_of(table, "train/b.png")
+    assert column(table, "key") == [
+        "train/video_a/0001.png",  # frames sorted by path
+        "train/video_a/0002.png",
+        "train/video_b/0001.png",
+        "eval_images/taichi-256/train/b.png",  # pickle order
+        "eval_images/taichi-256/train/a.png",
+        "eval_images/taichi-256/test/c.png",
+    ]
+    assert column(table, "split") == ["train"] * 3 + ["regression_train"] * 2 + ["test"]
+    frame = row_of(table, "train/video_a/0002.png")
+    assert frame["uri"] == os.path.abspath(tmp_path / "train/video_a/0002.png")
+    assert frame["landmarks_xy"] is None and frame["visible"] is None  # no ground truth
+
+    # discovery's --split train reads these frames, not the annotated images
+    path = str(tmp_path / "manifest.parquet")
+    write_manifest(table, path)
+    assert [source.uri for source in list_sources(path, split="train")] == column(table, "uri")[:3]
+
+    # the evaluation fits on the annotated train images and tests on the annotated test images
+    info = DATASETS["taichi"]
+    assert (info.fit_split, info.test_split) == ("regression_train", "test")
+    assert all((i.fit_split, i.test_split) == ("train", "test") for name, i in DATASETS.items() if name != "taichi")
+    row = row_of(table, "eval_images/taichi-256/train/b.png")
     assert row["uri"] == os.path.abspath(tmp_path / "eval_images/taichi-256/train/b.png")
     assert row["landmarks_xy"][0] == pytest.approx([0.25, 0.5])  # /256, not the 128-pixel image size
-    assert all(math.isnan(v) for v in row["landmarks_xy"][1])
+    assert all(math.isnan(v) for v in row["landmarks_xy"][1])  # a 0 coordinate is invisible
     assert row["visible"] == [True, False]
-    row = row_of(table, "test/c.png")
+    row = row_of(table, "eval_images/taichi-256/test/c.png")
     assert row["visible"] == [False, True]
     assert row["landmarks_xy"][1] == pytest.approx([0.5, 0.5])
+
+
+def test_taichi_without_train_frames_has_only_the_evaluation_images(tmp_path):
+    make_taichi(tmp_path, frames=())
+    table = build_manifest("taichi", str(tmp_path))
+    assert column(table, "split") == ["regression_train"] * 2 + ["test"]
+
+
+def test_evaluation_labels_only_the_fitting_and_test_splits(tmp_path):
+    from skp_ray.evaluation import _evaluated_manifest
+
+    make_taichi(tmp_path / "taichi")
+    table = build_manifest("taichi", str(tmp_path / "taichi"))
+    path = str(tmp_path / "manifest.parquet")
+    write_manifest(table, path)
+    out = tmp_path / "eval"
+    evaluated = _evaluated_manifest(table, path, ("regression_train", "test"), str(out))
+    assert evaluated == str(out / "manifest_evaluated.parquet")
+    assert column(read_manifest(evaluated), "key") == column(table, "key")[3:]
+    # a manifest without other rows is labelled as it is
+    assert _evaluated_manifest(table.slice(3), path, ("regression_train", "test"), str(out)) == path
+    with pytest.raises(ValueError, match="no 'regression_train' rows"):
+        _evaluated_manifest(table.slice(0, 3), path, ("regression_train", "test"), str(out))
 
 
 # ---------------------------------------------------------------- DeepFashion

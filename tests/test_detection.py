@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -85,13 +87,44 @@ def test_identity_augmentation_is_the_argmax_of_the_resized_maps(tiny):
     images = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     context = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(1, 1, 2, 3)
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1, 1, 4, 16, 16, generator=torch.Generator().manual_seed(2))  # [B, A, C, h, w]
     keypoints, _ = detect_keypoints(tiny, images, context, [3, 6], thetas=identity, image_size=128, noise=noise)
-    maps = attention_maps(tiny, images, context, noise=noise, image_size=128)[0, [3, 6]]
+    maps = attention_maps(tiny, images, context, noise=noise[0], image_size=128)[0, [3, 6]]
     maps = torch.nn.functional.interpolate(maps[None], size=(128, 128), mode="bilinear", align_corners=False)[0]
     flat = maps.flatten(1).argmax(dim=1)
     expected = torch.stack([flat // 128 + 0.5, flat % 128 + 0.5], dim=1) / 128
     torch.testing.assert_close(keypoints[0], expected)
+
+
+def test_given_noise_replays_a_generator_driven_run(tiny):
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    options = dict(image_size=128, feature_upsample_res=32)
+    generator = torch.Generator().manual_seed(2)
+    drawn = detect_keypoints(tiny, images, context, [5, 2, 7], augmentation_iterations=3, generator=generator, **options)
+    # the generator's draws in order: all B x A transforms, then each image's A latent noises [4, 16, 16]
+    generator = torch.Generator().manual_seed(2)
+    thetas = random_affine(6, generator=generator).unflatten(0, (2, 3))
+    noise = torch.stack([torch.randn(3, 4, 16, 16, generator=generator) for _ in range(2)])
+    replayed = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=noise, **options)
+    assert torch.equal(replayed[0], drawn[0]) and torch.equal(replayed[1], drawn[1])
+    # no generator needed, and other noise gives other maps
+    again = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=noise, **options)
+    assert torch.equal(again[1], drawn[1])
+    other = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=-noise, **options)
+    assert not torch.equal(other[1], drawn[1])
+
+
+def test_noise_of_the_wrong_shape_is_refused(tiny):
+    images, context = torch.rand(2, 3, 64, 64), torch.randn(4, 32)
+    expected = re.escape("noise must be [B, A, C, h, w] = [2, 3, 4, 16, 16]")
+    for shape in [(2, 2, 4, 16, 16), (3, 4, 16, 16), (2, 3, 4, 8, 8)]:
+        with pytest.raises(ValueError, match=expected):
+            noise = torch.zeros(shape)
+            detect_keypoints(tiny, images, context, [0], augmentation_iterations=3, noise=noise, image_size=128)
+    thetas = torch.eye(2, 3).expand(2, 3, 2, 3)
+    with pytest.raises(ValueError, match=expected):
+        detect_keypoints(tiny, images, context, [0], thetas=thetas, noise=torch.zeros(2, 1, 4, 16, 16), image_size=128)
 
 
 def test_bad_thetas_and_iterations_are_clear_errors(tiny):

@@ -192,6 +192,59 @@ def test_the_job_runs_from_a_yaml_config_with_flags_on_top(ray_session, tmp_path
     assert "step 2/2: loss" in result.stdout + result.stderr
 
 
+def test_the_job_learns_from_photos_with_yaml_strings_for_numbers(ray_session, photos, tmp_path):
+    """Ordinary photos (saturated regions, JPEG and PNG, not square) through jobs/discover.py, with the
+    settings file as people write it: PyYAML reads 5e-3 and "0 1 2 3" as strings."""
+    (tmp_path / "discover.yaml").write_text(
+        "num_steps: 2\nnum_tokens: 16\ntop_k: 3\nfurthest_point_num_samples: 6\nnum_indices: 4\n"
+        "image_size: 128\nfeature_upsample_res: 32\naugmentation_iterations: 2\npreview_images: 2\n"
+        "cpus_per_worker: 0.5\nlr: 5e-3\nlayers: 0 1 2 3\n"
+    )
+    environment = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    command = [sys.executable, str(REPO / "jobs" / "discover.py"), "--config", "discover.yaml",
+               "--data", str(photos), "--output", "out", "--name", "photos"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    artifact = load_artifact(str(tmp_path / "out" / "photos"))
+    assert artifact.settings["lr"] == 0.005 and artifact.settings["layers"] == [0, 1, 2, 3]
+    assert artifact.images["used"] == 4 and artifact.images["skipped"] == {}
+    with Image.open(tmp_path / "out" / "photos" / "keypoints.png") as picture:
+        assert picture.width > 0
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"lr": "fast"}, ValueError, "lr: expected a number, got 'fast'"),
+        ({"model": "/nowhere/model"}, FileNotFoundError, "/nowhere/model"),
+        ({"data": "UNREADABLE"}, ValueError, "only 0 of 5 images can be read"),
+        ({"alpha": "black"}, ValueError, "--alpha 'black'"),
+        ({"peak_disc": "square"}, ValueError, "--peak_disc 'square'"),
+    ],
+)
+def test_a_refused_run_is_refused_on_the_driver_and_leaves_its_name_free(
+    images, tmp_path, refuse_ray, changes, error, message
+):
+    refuse_ray("skp_ray.discovery")
+    changes = dict(changes)
+    data = changes.pop("data", images)
+    if data == "UNREADABLE":
+        data = tmp_path / "unreadable"
+        data.mkdir()
+        for i in range(5):
+            (data / f"{i}.png").write_bytes(b"")
+    with pytest.raises(error, match=message):
+        run_discovery(small_config(str(data), tmp_path / "out", name="refused", **changes))
+    assert not (tmp_path / "out" / "refused").exists()  # no run-settings.json: the name stays usable
+
+
+def test_use_gpu_without_gpus_fails_after_a_bounded_wait(ray_session, images, tmp_path, capsys):
+    with pytest.raises(TimeoutError, match="needs 1 GPU\\(s\\), and after [0-9]+ s the cluster has 0") as info:
+        run_discovery(small_config(images, tmp_path / "out", name="gpu", use_gpu=True, gpu_wait_s=2))
+    assert "--no-use-gpu" in str(info.value) and "--gpu_wait_s" in str(info.value)
+    assert not (tmp_path / "out" / "gpu").exists()
+
+
 def test_data_and_output_on_object_storage(ray_session, s3_endpoint, tmp_path):
     """Images read from a bucket, checkpoints and the artifact written back to it (moto's S3 server)."""
     import fsspec

@@ -16,7 +16,8 @@ from PIL import Image
 
 from skp_ray.datasets import ManifestConfig, make_manifest, manifest_table, read_manifest, write_manifest
 from skp_ray.evaluation import EvaluateConfig, run_evaluation
-from skp_ray.labelling import OUTPUT_SCHEMA, image_id
+from skp_ray.label_store import OUTPUT_SCHEMA, label_file_name
+from skp_ray.labelling import image_id
 from skp_ray.samples import write_sample_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def fake_labels(path: Path, rows: list[dict], keypoints: np.ndarray, errors: dic
                 error=error, labelled_at=now, run_id="run-1",
             )
         )  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA), path / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA), path / label_file_name("abc123", "w", 0))
     return str(path)
 
 
@@ -124,6 +125,7 @@ def test_visible_variant_ignores_absent_landmarks_from_a_given_manifest(faces, t
     for row, points, seen in zip(rows, landmarks, visible):
         row["landmarks_xy"] = np.where(seen[:, None], points, np.nan).tolist()
         row["visible"] = seen.tolist()
+        row["split"] = "regression_train" if row["split"] == "train" else row["split"]  # Tai-Chi fits there
     manifest = tmp_path / "manifest.parquet"
     write_manifest(manifest_table(rows, "taichi"), str(manifest))
     keypoints = linear_keypoints(landmarks, k=3, seed=2, noise=0.01)
@@ -134,7 +136,7 @@ def test_visible_variant_ignores_absent_landmarks_from_a_given_manifest(faces, t
     )
     value = run_evaluation(config).metrics["value"]
 
-    train = [i for i, row in enumerate(rows) if row["split"] == "train"]
+    train = [i for i, row in enumerate(rows) if row["split"] == "regression_train"]
     test = [i for i, row in enumerate(rows) if row["split"] == "test"]
     prediction = np.zeros((len(test), 5, 2))
     for j in range(5):  # each landmark fitted on the training rows where it is visible
@@ -234,7 +236,8 @@ def test_discovery_labelling_and_evaluation_run_through(ray_session, tiny_model_
     for name in ("keypoints.png", "landmarks.png", "attention.png", "loss.png"):
         assert (output / name).stat().st_size > 0
     with Image.open(output / "attention.png") as strips:  # one row per keypoint, one column per test image
-        assert strips.size == (1 * (2 * 192 + 3 * 2) + 2 * 2, 3 * (192 + 2 * 2) + 4 * 2)
+        width, height = strips.size  # a column of row labels ("keypoint k") at the left
+        assert height == 3 * (192 + 2 * 2) + 4 * 2 and width > 1 * (2 * 192 + 3 * 2) + 2 * 2
 
     labels = pq.read_table(output / "labels").to_pylist()
     assert len(labels) == 8 and {row["status"] for row in labels} == {"ok"}

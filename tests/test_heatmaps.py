@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -122,6 +123,46 @@ def test_find_peaks_rejects_bad_num():
         find_peaks(torch.zeros(1, 4, 4), 0)
 
 
+def _disc_case() -> torch.Tensor:
+    """H = 20 -> radius 1. Peak at pixel (5, 5); the centred disc clears (4, 5), (6, 5), (5, 4), (5, 6),
+    the published one (index to the centre (5.5, 5.5)) clears (5, 6), (6, 5), (6, 6)."""
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 5, 5] = 1.0
+    maps[0, 6, 6] = 0.9  # centred: distance sqrt(2) > 1, survives; published: sqrt(0.5), cleared
+    maps[0, 4, 5] = 0.8  # centred: distance 1, cleared; published: sqrt(2.5), survives
+    return maps
+
+
+def test_find_peaks_centred_and_published_discs_clear_different_pixels():
+    maps = _disc_case()
+    centred = find_peaks(maps, 2)
+    torch.testing.assert_close(centred[0], torch.tensor([[5.5, 5.5], [6.5, 6.5]]))
+    torch.testing.assert_close(find_peaks(maps, 2, peak_disc="centred"), centred)
+    published = find_peaks(maps, 2, peak_disc="published")
+    torch.testing.assert_close(published[0], torch.tensor([[5.5, 5.5], [4.5, 5.5]]))
+
+
+def test_find_peaks_published_disc_is_shifted_half_a_pixel():
+    # H = 40 -> radius 2 around the centre (10.5, 10.5), measured to integer indices:
+    # (12, 10) is 1.5 + 0.5 -> sqrt(2.5) away (cleared), (8, 10) is 2.5, 0.5 -> sqrt(6.5) (survives)
+    maps = torch.zeros(1, 40, 40)
+    maps[0, 10, 10] = 1.0
+    maps[0, 12, 10] = 0.9
+    maps[0, 8, 10] = 0.8
+    published = find_peaks(maps, 2, peak_disc="published")
+    torch.testing.assert_close(published[0, 1], torch.tensor([8.5, 10.5]))
+    # centred: (12, 10) and (8, 10) are both exactly 2 away, both cleared; the next is 0 at (0, 0)
+    torch.testing.assert_close(find_peaks(maps, 2)[0, 1], torch.tensor([0.5, 0.5]))
+
+
+def test_unknown_peak_disc_is_refused():
+    message = re.escape("peak_disc must be one of 'centred', 'published'; got 'corner'")
+    with pytest.raises(ValueError, match=message):
+        find_peaks(torch.zeros(1, 4, 4), 2, peak_disc="corner")
+    with pytest.raises(ValueError, match=message):
+        peak_targets(torch.zeros(1, 4, 4), sigma=1.0, peak_disc="corner")
+
+
 # --- peak_targets -------------------------------------------------------------------------
 
 
@@ -145,5 +186,61 @@ def test_peak_targets_two_subjects_is_mean_of_two_gaussians():
     assert target.max().item() == pytest.approx(0.5, abs=1e-3)
 
 
+def test_peak_targets_published_disc_averages_the_other_second_peak():
+    target = peak_targets(_disc_case(), sigma=2.0, num_subjects=2, peak_disc="published")
+    expected = 0.5 * (_np_gaussian(5.5, 5.5, 20, 20, 2.0) + _np_gaussian(4.5, 5.5, 20, 20, 2.0))
+    np.testing.assert_allclose(target[0].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_peak_targets_keeps_dtype():
     assert peak_targets(torch.rand(2, 5, 5, dtype=torch.float64), sigma=1.0).dtype == torch.float64
+
+
+# --- peak_disc reaches find_peaks from every caller ----------------------------------------
+
+
+def test_peak_disc_is_passed_down_to_find_peaks(tiny, monkeypatch):
+    import skp_ray.heatmaps as heatmaps
+    from skp_ray.detection import count_token_picks
+    from skp_ray.losses import batch_keypoint_loss, image_keypoint_loss, sharpening_loss
+    from skp_ray.optimization import training_loss
+    from skp_ray.selection import token_pick_counts, top_k_gaussian
+
+    seen = []
+    original = heatmaps.find_peaks
+
+    def recording_find_peaks(maps, num, *, peak_disc="centred"):
+        seen.append((num, peak_disc))
+        return original(maps, num, peak_disc=peak_disc)
+
+    monkeypatch.setattr(heatmaps, "find_peaks", recording_find_peaks)
+    maps = torch.rand(2, 6, 16, 16, generator=torch.Generator().manual_seed(0))
+    identity = torch.eye(2, 3).expand(2, 2, 3)
+    options = dict(num_subjects=2, peak_disc="published")
+    small = dict(top_k=2, furthest_point_num_samples=3)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    context = torch.randn(6, 32, generator=torch.Generator().manual_seed(2))
+    model = dict(image_size=64, feature_upsample_res=16, generator=torch.Generator().manual_seed(3))
+    calls = {
+        "sharpening_loss": lambda: sharpening_loss(maps[0], **options),
+        "top_k_gaussian": lambda: top_k_gaussian(maps[0], 3, **options),
+        "token_pick_counts": lambda: token_pick_counts(maps, **small, **options),
+        "image_keypoint_loss": lambda: image_keypoint_loss(maps[0], maps[1], identity[0], **small, **options),
+        "batch_keypoint_loss": lambda: batch_keypoint_loss(maps, maps, identity, **small, **options),
+        "training_loss": lambda: training_loss(tiny, images, context, **small, **options, **model),
+        "count_token_picks": lambda: count_token_picks(tiny, images, context, **small, **options, **model),
+    }
+    for name, call in calls.items():
+        seen.clear()
+        call()
+        assert seen and set(seen) == {(2, "published")}, name
+
+
+def test_training_and_token_picks_refuse_an_unknown_peak_disc_before_the_model_runs():
+    from skp_ray.detection import count_token_picks
+    from skp_ray.optimization import training_loss
+
+    images, context = torch.rand(1, 3, 8, 8), torch.zeros(4, 32)
+    for call in (training_loss, count_token_picks):
+        with pytest.raises(ValueError, match="peak_disc must be one of 'centred', 'published'; got 'disc'"):
+            call(None, images, context, peak_disc="disc")  # no model: refused before it is needed

@@ -14,16 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
+import skp_ray.images
+from skp_ray.attention import attention_maps
 from skp_ray.images import (
     ImageReadError,
     ImageSource,
-    apply_mask,
+    content_hash,
     crop_image,
     decode_image,
     list_images,
     list_sources,
+    load_source,
     read_image,
-    read_source,
     resize_batch,
     to_tensor,
 )
@@ -222,6 +224,59 @@ def test_read_image_errors(tmp_path, memory_root):
     assert info.value.cause == "empty" and str(tmp_path / "empty.png") in str(info.value)
 
 
+class FailingFileSystem(fsspec.AbstractFileSystem):
+    """A store whose every read fails with the error its path names (permission, throttling ...)."""
+
+    protocol = "failing"
+    errors = {
+        "denied": PermissionError("Access Denied"),
+        "throttled": OSError("SlowDown: please reduce your request rate (after 5 retries)"),
+        "nocreds": type("NoCredentialsError", (Exception,), {})("Unable to locate credentials"),
+    }
+
+    def _open(self, path, mode="rb", **kwargs):
+        raise self.errors[path.rsplit("/", 1)[-1].split(".")[0]]
+
+
+@pytest.mark.parametrize(
+    "uri, cause",
+    [
+        ("failing://bucket/denied.png", "permission_denied"),
+        ("failing://bucket/nocreds.png", "permission_denied"),
+        ("failing://bucket/throttled.png", "storage_error"),
+        ("nosuchscheme://bucket/a.png", "unsupported_scheme"),
+    ],
+)
+def test_store_failures_are_image_errors(uri, cause):
+    fsspec.register_implementation("failing", FailingFileSystem, clobber=True)
+    with pytest.raises(ImageReadError) as info:
+        read_image(uri)
+    assert info.value.cause == cause and uri in str(info.value)
+
+
+def test_a_decoder_crash_is_an_image_error(monkeypatch):
+    def crash(*args):
+        raise ZeroDivisionError("inside the decoder")
+
+    monkeypatch.setattr(skp_ray.images, "_to_rgb_array", crash)
+    assert cause_of(encode(rgb_image(4, 4))) == "decoder_crash"
+
+
+def test_max_pixels_is_the_only_pixel_limit(monkeypatch):
+    """Raising max_pixels must be enough: Pillow's own bomb limit does not refuse the image first."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above 2 x 100 pixels
+    assert decode_image(encode(rgb_image(20, 20)), max_pixels=1000).shape == (20, 20, 3)
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored
+
+
+def test_alpha_is_composited_on_white_or_dropped_as_published():
+    rgba = Image.new("RGBA", (1, 1), (10, 20, 30, 0))
+    assert decode_image(encode(rgba)).tolist() == [[[255, 255, 255]]]
+    assert decode_image(encode(rgba), alpha="drop").tolist() == [[[10, 20, 30]]]
+    with pytest.raises(ValueError, match="alpha"):
+        decode_image(encode(rgba), alpha="black")
+
+
 # ---- tensors ------------------------------------------------------------------------------------
 
 
@@ -351,37 +406,105 @@ def test_crop_image_fills_outside_black():
     assert around[0].sum() == 0 and around[5].sum() == 0 and around[:, :2].sum() == 0 and around[:, 7].sum() == 0
     outside = crop_image(image, (10, 10, 13, 12))
     assert outside.shape == (2, 3, 3) and outside.sum() == 0
-    with pytest.raises(ValueError, match="empty"):
-        crop_image(image, (3, 0, 3, 4))
+
+
+@pytest.mark.parametrize("box", [(3, 0, 3, 4), (4, 0, 1, 4), (0, 3, 4, 1)])
+def test_an_empty_or_inverted_crop_box_is_an_error_naming_the_image_and_the_box(tmp_path, box):
+    rgb_image(4, 5).save(tmp_path / "a.png")
+    with pytest.raises(ImageReadError) as info:
+        load_source(ImageSource(str(tmp_path / "a.png"), crop_box=box))
+    assert info.value.cause == "bad_crop"
+    assert str(tmp_path / "a.png") in str(info.value) and str(box) in str(info.value)
+
+
+def independent_resize(array: np.ndarray, size: int) -> torch.Tensor:
+    """[H, W] or [H, W, 3] in 0..1 -> float64 [C, size, size] with torch's antialiased bilinear filter."""
+    t = torch.as_tensor(array, dtype=torch.float64)
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    return torch.nn.functional.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True)[0]
 
 
 @pytest.mark.parametrize("on", [1, 255])
-def test_apply_mask_takes_0_1_and_0_255_masks(on):
-    image = np.full((2, 2, 3), 200, dtype=np.uint8)
-    mask = np.array([[0, on], [on, 0]], dtype=np.uint8)
-    masked = apply_mask(image, mask)
-    np.testing.assert_array_equal(masked[..., 0], [[0, 200], [200, 0]])
+def test_load_source_multiplies_by_the_mask_at_the_model_size(tmp_path, on):
+    """As the published Human3.6M loader: image and mask each resized to the model's side, then multiplied."""
+    pixels = np.random.default_rng(0).integers(1, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    mask = np.zeros((12, 12), dtype=np.uint8)
+    mask[:, 5:] = on
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    loaded = load_source(ImageSource(str(tmp_path / "a.png"), mask_uri=str(tmp_path / "m.png")), size=5)
+    expected = independent_resize(pixels / 255.0, 5).clamp(0, 1) * independent_resize(mask / on, 5)
+    np.testing.assert_allclose(loaded.pixels.double(), expected, atol=1e-6)
+    # multiplying at the native size first gives other edges
+    native = independent_resize(pixels / 255.0 * (mask / on)[..., None], 5)
+    assert (native - expected).abs().max() > 1e-3
+    assert (loaded.height, loaded.width, loaded.frame) == (12, 12, (0, 0, 12, 12))
 
 
-def test_apply_mask_resizes_a_smaller_mask_to_the_image():
-    image = np.full((4, 4, 3), 100, dtype=np.uint8)
-    mask = np.stack([np.array([[255, 255], [0, 0]], dtype=np.uint8)] * 3, axis=-1)  # RGB mask, top half on
-    masked = apply_mask(image, mask)
-    assert masked[0, :, 0].tolist() == [100] * 4 and masked[3, :, 0].tolist() == [0] * 4
-
-
-def test_read_source_masks_then_crops_and_reports_the_image_size(tmp_path):
+def test_load_source_crops_the_image_and_its_mask_alike(tmp_path):
     pixels = np.random.default_rng(0).integers(1, 256, (6, 8, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     mask = np.zeros((6, 8), dtype=np.uint8)
-    mask[:, 4:] = 1
+    mask[:, 4:] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(mask[::2, ::2]).save(tmp_path / "half.png")  # a scaled copy is accepted too
+    half = ImageSource(str(tmp_path / "a.png"), crop_box=(2, 1, 10, 5), mask_uri=str(tmp_path / "half.png"))
+    assert load_source(half).pixels.shape == (3, 4, 8)
     source = ImageSource(str(tmp_path / "a.png"), crop_box=(2, 1, 10, 5), mask_uri=str(tmp_path / "m.png"))
-    view, size = read_source(source)
-    assert size == (6, 8) and view.shape == (4, 8, 3)
-    expected = np.zeros((4, 8, 3), dtype=np.uint8)
-    expected[:, 2:6] = pixels[1:5, 4:8]  # masked-out left half, black beyond the right edge
-    np.testing.assert_array_equal(view, expected)
+    loaded = load_source(source)
+    assert (loaded.height, loaded.width) == (6, 8) and loaded.pixels.shape == (3, 4, 8)
+    assert loaded.frame == (2, 1, 10, 5) and loaded.frame_size == (4, 8)
+    view = (loaded.pixels.permute(1, 2, 0).numpy() * 255).round()
+    np.testing.assert_array_equal(view[:, 2:6], pixels[1:5, 4:8])  # mask on, inside the image
+    assert view[:, :2].max() == 0 and view[:, 6:].max() == 0  # masked out left; black beyond the right edge
+
+
+def test_a_mask_of_another_aspect_is_an_error_row_cause(tmp_path):
+    rgb_image(6, 8).save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+    with pytest.raises(ImageReadError) as info:
+        load_source(ImageSource(str(tmp_path / "a.png"), mask_uri=str(tmp_path / "m.png")))
+    assert info.value.cause == "bad_mask" and "8x8" in str(info.value) and "8x6" in str(info.value)
+    with pytest.raises(ImageReadError) as info:
+        load_source(ImageSource(str(tmp_path / "a.png"), mask_uri=str(tmp_path / "missing.png")))
+    assert info.value.cause == "bad_mask" and "missing.png" in str(info.value)
+
+
+def saturated_photo() -> np.ndarray:
+    """A real photograph (scikit-learn's sample) brightened until large regions saturate at 255."""
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().images[0].astype(np.float32)
+    return np.clip(photo * 1.8, 0, 255).astype(np.uint8)
+
+
+def test_resizing_a_saturated_photo_stays_in_0_1(tmp_path):
+    photo = saturated_photo()
+    raw = torch.nn.functional.interpolate(to_tensor(photo)[None], size=(256, 256), mode="bilinear", antialias=True)
+    assert raw.max() > 1  # in float32 the antialiasing filter overshoots on saturated pixels (1.0000001)
+    resized = resize_batch(to_tensor(photo)[None], 256)
+    assert 0 <= float(resized.min()) and float(resized.max()) <= 1
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=92)
+    loaded = load_source(ImageSource(str(tmp_path / "photo.jpg")), size=256)
+    assert float(loaded.pixels.max()) <= 1
+
+
+def test_a_range_error_prints_the_exact_value(tiny):
+    images = torch.full((1, 3, 64, 64), 0.5)
+    images[0, 0, 0, 0] = 1.00000012
+    with pytest.raises(ValueError) as info:
+        attention_maps(tiny, images, torch.randn(4, tiny.context_dim), image_size=64, feature_upsample_res=8)
+    assert repr(float(images.max())) in str(info.value)  # 1.0000001192092896, not a rounded 1
+
+
+def test_content_hash_follows_the_pixels_not_the_name(tmp_path):
+    rgb_image(6, 8).save(tmp_path / "a.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    rgb_image(6, 8, seed=1).save(tmp_path / "other.png")
+    hashes = [load_source(ImageSource(str(tmp_path / n))).content_hash for n in ("a.png", "copy.png", "other.png")]
+    assert hashes[0] == hashes[1] != hashes[2]
+    image = np.zeros((2, 6, 3), dtype=np.uint8)
+    assert content_hash(image) != content_hash(image.reshape(6, 2, 3))  # same bytes, other shape
 
 
 def test_list_sources_reads_crops_masks_and_splits_from_a_parquet_manifest(tmp_path):

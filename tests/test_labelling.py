@@ -1,6 +1,10 @@
 """The labelling pipeline on a real local Ray (Ray Data actors on the CPU, tiny model)."""
 
+import dataclasses
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
@@ -16,17 +21,19 @@ from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import TINY_MODEL, load_diffusion, model_location
-from skp_ray.images import read_image, to_tensor
+from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
+from skp_ray.images import content_hash, read_image, to_tensor
+from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
 from skp_ray.labelling import (
-    OUTPUT_SCHEMA,
     LabelConfig,
+    LabellingFailed,
     detection_generator,
     detection_options,
     image_id,
     parse_actors,
     run_labelling,
 )
+from skp_ray.lease import LeaseHeldError, OutputLease
 from skp_ray.samples import write_sample_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +80,9 @@ def test_every_image_gets_one_row_with_the_documented_schema(ray_session, artifa
     broken = write_awkward_images(tmp_path / "in")
     summary = run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out")))
     table = pq.read_table(tmp_path / "out")
-    assert table.schema.remove_metadata() == OUTPUT_SCHEMA
+    assert table.schema.remove_metadata() == OUTPUT_SCHEMA.remove_metadata()
+    for written in (tmp_path / "out").glob("labels-*.parquet"):  # each file says it is ours
+        assert pq.read_schema(written).metadata[b"skp_ray.labels"] == b"1"
     frame = pd.read_parquet(tmp_path / "out")
     names = frame["uri"].map(lambda uri: Path(uri).name)
     assert sorted(names) == sorted(p.name for p in (tmp_path / "in").iterdir() if p.name != "landmarks.json")
@@ -109,10 +118,10 @@ def test_keypoints_equal_a_direct_detect_keypoints_call(ray_session, artifact, t
 
 
 def detect_directly(diffusion, loaded, uri):
-    image = to_tensor(read_image(uri))
+    decoded = read_image(uri)
     return detect_keypoints(
-        diffusion, image[None], loaded.context, loaded.token_indices, augmentation_iterations=2,
-        generator=detection_generator(7, image_id(uri)), **detection_options(loaded.settings),
+        diffusion, to_tensor(decoded)[None], loaded.context, loaded.token_indices, augmentation_iterations=2,
+        generator=detection_generator(7, content_hash(decoded)), **detection_options(loaded.settings),
     )  # fmt: skip
 
 
@@ -203,17 +212,158 @@ def test_actor_pool_sizes():
     assert (pool.min_size, pool.max_size) == (1, 8)
 
 
-def test_the_job_prints_a_summary(ray_session, artifact, tmp_path):
-    write_sample_images(tmp_path / "in", n=2, size=64, seed=11)
-    (tmp_path / "in" / "bad.png").write_text("nope")
+def job(artifact: str, input: str, output: str, *options: str) -> list[str]:
+    return [sys.executable, "jobs/label.py", "--artifact", artifact, "--input", input, "--output", output,
+            "--augmentation_iterations", "2", "--cpus_per_actor", "0.5", "--no-progress", *options]  # fmt: skip
+
+
+def run_job(ray_session, command: list[str]) -> subprocess.CompletedProcess:
     environment = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    command = [sys.executable, "jobs/label.py", "--artifact", artifact, "--input", str(tmp_path / "in"),
-               "--output", str(tmp_path / "out"), "--augmentation_iterations", "2", "--cpus_per_actor", "0.5",
-               "--no-progress"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=500)
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=500)
+
+
+def test_the_job_labels_photos_and_logs_progress_and_a_summary(ray_session, artifact, photos, tmp_path):
+    shutil.copytree(photos, tmp_path / "in")
+    (tmp_path / "in" / "bad.png").write_text("nope")
+    output = tmp_path / "out"
+    result = run_job(ray_session, job(artifact, str(tmp_path / "in"), str(output), "--log_every_s", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[label] done: 3 images labelled (2 ok, 1 errors: not_an_image 1)" in result.stdout
-    assert result.stdout.rstrip().endswith(f"[label] output: {tmp_path / 'out'}")
+    assert "[label] done: 5 images labelled (4 ok, 1 errors: not_an_image 1)" in result.stdout
+    assert f"failed: {tmp_path / 'in' / 'bad.png'} (not_an_image)" in result.stdout
+    assert re.search(r"\[label\] 5/5 images \(100.0 %, 1 errors\), [0-9.]+ images/s, ETA", result.stdout)
+    assert result.stdout.rstrip().endswith(f"[label] output: {output}")
+    (summary_file,) = (output / "_summary").glob("*.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "ok" and summary["counts"] == {
+        "listed": 5, "already_labelled": 0, "labelled": 5, "ok": 4, "errors": 1
+    }  # fmt: skip
+    assert summary["error_causes"] == {"not_an_image": 1}
+    assert summary["failures"][0]["uri"] == str(tmp_path / "in" / "bad.png")
+    assert 0 < summary["timings"]["labelling_s"] < summary["timings"]["total_s"]
+    rows = read_labels(str(output))
+    assert sorted(rows.column("status").to_pylist()) == ["error"] + ["ok"] * 4
+
+
+def test_a_run_where_too_many_images_fail_exits_non_zero_after_writing(ray_session, artifact, tmp_path):
+    write_sample_images(tmp_path / "in", n=1, size=64, seed=13)
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    with pytest.raises(LabellingFailed, match="2 of 3 images failed") as info:
+        run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), max_error_fraction=0.5))
+    assert info.value.summary.labelled == 3 and len(pd.read_parquet(tmp_path / "out")) == 3
+    (summary_file,) = (tmp_path / "out" / "_summary").glob("*.json")
+    record = json.loads(summary_file.read_text())
+    assert record["status"] == "failed" and {f["uri"] for f in record["failures"]} == {
+        str(tmp_path / "in" / "a.png"), str(tmp_path / "in" / "b.png")
+    }  # fmt: skip
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_text("no image")
+    result = run_job(ray_session, job(artifact, str(tmp_path / "broken"), str(tmp_path / "out2")))
+    assert result.returncode == 1 and "every one of the 1 images labelled failed" in result.stderr
+    assert len(pd.read_parquet(tmp_path / "out2")) == 1
+
+
+def test_files_that_are_not_ours_are_never_touched(ray_session, artifact, tmp_path, capsys):
+    write_sample_images(tmp_path / "in", n=2, size=64, seed=14)
+    output = tmp_path / "out"
+    (output / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), output / "my_table.parquet")
+    pq.write_table(pa.table({"uri": ["elsewhere.png"]}), output / "sub" / "manifest.parquet")
+    pq.write_table(pa.table({"image_id": ["forged"]}), output / "labels-abc-def-000000-0.parquet")  # no metadata
+    (output / "notes.txt").write_text("mine")
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert run_labelling(config(artifact, str(tmp_path / "in"), str(output))).labelled == 2
+    assert run_labelling(config(artifact, str(tmp_path / "in"), str(output))).labelled == 0
+    assert {path: path.read_bytes() for path in before} == before
+    assert not list(output.glob("_incomplete-*"))
+    log = capsys.readouterr().out
+    assert log.count("ignoring 4 entries") == 2  # once per run
+    assert "my_table.parquet" in log and len(read_labels(str(output))) == 2
+
+
+def test_one_bad_entry_never_stops_a_run(ray_session, artifact, tmp_path):
+    write_sample_images(tmp_path / "in", n=1, size=64, seed=15)
+    good = tmp_path / "in" / "sample_000.png"
+    for name in ("crop.png", "masked.png"):
+        (tmp_path / "in" / name).write_bytes(good.read_bytes())
+    Image.new("L", (64, 32), 255).save(tmp_path / "in" / "wide_mask.png")
+    rows = [
+        {"uri": str(good), "crop_box": None, "mask_uri": None},
+        {"uri": "nosuchscheme://bucket/a.png", "crop_box": None, "mask_uri": None},
+        {"uri": str(tmp_path / "in" / "crop.png"), "crop_box": [40, 0, 10, 30], "mask_uri": None},
+        {"uri": str(tmp_path / "in" / "masked.png"), "crop_box": None, "mask_uri": str(tmp_path / "in" / "wide_mask.png")},
+        {"uri": "s3://skp-no-such-bucket/a.png", "crop_box": None, "mask_uri": None},
+    ]  # fmt: skip
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    summary = run_labelling(config(artifact, str(manifest), str(tmp_path / "out"), max_error_fraction=1.0))
+    assert summary.labelled == 5
+    frame = pd.read_parquet(tmp_path / "out").set_index("uri")
+    assert frame.loc[str(good), "status"] == "ok"
+    assert frame.loc["nosuchscheme://bucket/a.png", "error_cause"] == "unsupported_scheme"
+    crop = frame.loc[str(tmp_path / "in" / "crop.png")]
+    assert crop.error_cause == "bad_crop" and "(40, 0, 10, 30)" in crop.error and "crop.png" in crop.error
+    assert frame.loc[str(tmp_path / "in" / "masked.png"), "error_cause"] == "bad_mask"
+    assert frame.loc["s3://skp-no-such-bucket/a.png", "error_cause"] in ("not_found", "permission_denied", "storage_error")
+
+
+def test_what_would_fail_every_image_is_refused_on_the_driver(artifact, tmp_path, refuse_ray):
+    refuse_ray("skp_ray.labelling")
+    write_sample_images(tmp_path / "in", n=1, size=32)
+    loaded = load_artifact(artifact)
+    no_model = str(tmp_path / "no-model")
+    save_artifact(KeypointArtifact(loaded.context, loaded.token_indices, model="/nowhere/model"), no_model)
+    with pytest.raises(ModelNotFoundError, match="/nowhere/model"):
+        run_labelling(config(no_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "file" / "out")))
+    with OutputLease(str(tmp_path / "busy"), "nightly-1"):
+        with pytest.raises(LeaseHeldError, match="run nightly-1"):
+            run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "busy")))
+    with pytest.raises(ValueError, match="max_error_fraction: expected a number"):
+        run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), max_error_fraction="half"))
+
+
+def test_a_damaged_artifact_file_is_named(artifact, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifact, damaged)
+    (damaged / "context.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="context.safetensors"):
+        load_artifact(str(damaged))
+    (damaged / "context.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="context.safetensors"):
+        load_artifact(str(damaged))
+
+
+def test_retry_errors_relabels_images_whose_only_rows_are_errors(ray_session, artifact, tmp_path):
+    write_sample_images(tmp_path / "in", n=1, size=64, seed=16)
+    late = tmp_path / "in" / "late.png"
+    late.write_bytes(b"\x89PNG\r\n\x1a\nhalf-uploaded")
+    job_config = config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), max_error_fraction=1.0)
+    assert run_labelling(job_config).errors == {"truncated": 1}
+    write_sample_images(tmp_path / "fixed", n=1, size=64, seed=17)
+    late.write_bytes((tmp_path / "fixed" / "sample_000.png").read_bytes())
+    assert run_labelling(job_config).labelled == 0  # without --retry_errors an error row counts as done
+    retried = run_labelling(dataclasses.replace(job_config, retry_errors=True))
+    assert (retried.labelled, retried.errors) == (1, {})
+    assert len(pd.read_parquet(tmp_path / "out")) == 3  # the error row stays; the newest row wins
+    labels = read_labels(str(tmp_path / "out")).to_pandas().set_index("uri")
+    assert len(labels) == 2 and labels.loc[str(late), "status"] == "ok"
+
+
+def test_identical_files_get_identical_keypoints(ray_session, artifact, tmp_path):
+    write_sample_images(tmp_path / "in", n=2, size=64, seed=18)
+    (tmp_path / "in" / "copy.png").write_bytes((tmp_path / "in" / "sample_000.png").read_bytes())
+    run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out")))
+    rows = pd.read_parquet(tmp_path / "out").set_index("uri")
+    original, copy = rows.loc[str(tmp_path / "in" / "sample_000.png")], rows.loc[str(tmp_path / "in" / "copy.png")]
+    assert original.image_id != copy.image_id and original.content_hash == copy.content_hash
+    np.testing.assert_array_equal(np.stack(original.keypoints_xy), np.stack(copy.keypoints_xy))
+    np.testing.assert_array_equal(original.peaks, copy.peaks)
+    other = rows.loc[str(tmp_path / "in" / "sample_001.png")]
+    assert other.content_hash != original.content_hash
 
 
 def test_a_preempted_actor_loses_and_duplicates_nothing(ray_session, artifact, tmp_path):

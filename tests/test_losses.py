@@ -73,6 +73,18 @@ def test_sharpening_loss_two_subjects_matches_numpy_with_half_height_target():
     assert got.item() != pytest.approx(sharpening_loss(maps, sigma=1.5).item(), rel=1e-3)
 
 
+def test_sharpening_loss_published_disc_targets_the_other_second_peak():
+    # H = 20 -> radius 1. The centred disc around (5, 5) clears (4, 5), the published one (indices to
+    # the centre (5.5, 5.5)) clears (6, 6) instead: the second peaks are (6, 6) and (4, 5)
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 5, 5], maps[0, 6, 6], maps[0, 4, 5] = 1.0, 0.9, 0.8
+    values = maps.numpy().astype(np.float64)
+    for peak_disc, second in (("centred", (6.5, 6.5)), ("published", (4.5, 5.5))):
+        target = 0.5 * (_np_gaussian(5.5, 5.5, 20, 20, 2.0) + _np_gaussian(*second, 20, 20, 2.0))
+        got = sharpening_loss(maps, num_subjects=2, peak_disc=peak_disc)
+        assert got.item() == pytest.approx(np.mean((values - target) ** 2), rel=1e-5)
+
+
 def test_sharpening_loss_gradient_treats_target_as_constant():
     maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     maps.requires_grad_(True)

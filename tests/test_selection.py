@@ -23,10 +23,11 @@ def _np_gaussian(cy: float, cx: float, size: int, sigma: float) -> np.ndarray:
     return np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * sigma**2))
 
 
-def _np_peaks(m: np.ndarray, num: int) -> list[tuple[float, float]]:
+def _np_peaks(m: np.ndarray, num: int, offset: float = 0.5) -> list[tuple[float, float]]:
+    """Peaks one at a time, clearing pixels at ``index + offset`` within 0.05 x side of each peak centre."""
     m = m.copy()
     size = m.shape[0]
-    ys, xs = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+    ys, xs = np.meshgrid(np.arange(size) + offset, np.arange(size) + offset, indexing="ij")
     peaks = []
     for _ in range(num):
         flat = int(np.argmax(m))
@@ -36,10 +37,11 @@ def _np_peaks(m: np.ndarray, num: int) -> list[tuple[float, float]]:
     return peaks
 
 
-def _np_kl(maps: np.ndarray, sigma: float, num_subjects: int) -> np.ndarray:
+def _np_kl(maps: np.ndarray, sigma: float, num_subjects: int, offset: float = 0.5) -> np.ndarray:
     out = []
     for a in maps.astype(np.float64):
-        g = np.mean([_np_gaussian(cy, cx, a.shape[0], sigma) for cy, cx in _np_peaks(a, num_subjects)], 0)
+        peaks = _np_peaks(a, num_subjects, offset)
+        g = np.mean([_np_gaussian(cy, cx, a.shape[0], sigma) for cy, cx in peaks], 0)
         p = (g + 1e-5) / (g + 1e-5).sum()
         logits = a + 1e-5
         log_q = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
@@ -93,6 +95,23 @@ def test_kl_ranking_matches_float64_numpy(num_subjects, sigma):
     got = top_k_gaussian(maps, 6, sigma=sigma, num_subjects=num_subjects)
     assert got.dtype == torch.long
     assert got.tolist() == order[:6].tolist()
+
+
+def test_kl_ranking_with_the_published_peak_disc_matches_numpy():
+    # 16 x 16 maps, radius 0.8: the centred disc clears the peak pixel only, the published one
+    # (integer indices to the peak centre) also the pixels one row below, one column right, and both.
+    # Smooth maps keep the second highest pixel next to the peak, so the discs give different peaks.
+    gen = torch.Generator().manual_seed(5)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(14, 16, 16, generator=gen), 3, stride=1, padding=1)
+    maps = torch.softmax(6.0 * smooth, dim=0)
+    centred = _np_kl(maps.numpy(), 2.0, 2)
+    published = _np_kl(maps.numpy(), 2.0, 2, offset=0.0)
+    assert np.abs(published - centred).max() > 1e-3  # the second peak moved for some tokens
+    got = gaussian_kl(maps, sigma=2.0, num_subjects=2, peak_disc="published")
+    np.testing.assert_allclose(got.numpy(), published, rtol=1e-4)
+    assert np.diff(np.sort(published))[:6].min() > 1e-5
+    chosen = top_k_gaussian(maps, 6, sigma=2.0, num_subjects=2, peak_disc="published")
+    assert chosen.tolist() == np.argsort(published, kind="stable")[:6].tolist()
 
 
 def test_kl_ranking_hand_built_with_tie():

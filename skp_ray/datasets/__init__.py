@@ -15,12 +15,14 @@ from typing import Callable
 import fsspec
 import pyarrow as pa
 
+from skp_ray.config import option
 from skp_ray.datasets.celeba import build_celeba_aligned, build_celeba_wild
 from skp_ray.datasets.cub import build_cub_aligned, build_cub_class
 from skp_ray.datasets.custom import build_custom, build_samples
 from skp_ray.datasets.deepfashion import build_deepfashion
 from skp_ray.datasets.human36m import build_h36m, build_h36m_unaligned
 from skp_ray.datasets.manifest import MANIFEST_SCHEMA, DatasetError, manifest_table, read_manifest, write_manifest
+from skp_ray.datasets.taichi import FIT_SPLIT as TAICHI_FIT_SPLIT
 from skp_ray.datasets.taichi import build_taichi
 
 __all__ = [
@@ -43,7 +45,8 @@ class DatasetInfo:
 
     ``build(root, *, seed, workdir)`` returns the manifest; ``metric`` is one of "inter_eye_distance",
     "visible", "mean_average_error", "pck", "orientation_invariant" or None; ``regressor`` one of
-    "plain", "visible", "swap" or None.
+    "plain", "visible", "swap" or None. The evaluation fits the regressor on the manifest rows of
+    ``fit_split`` and measures the metric on those of ``test_split``.
     """
 
     name: str
@@ -51,6 +54,8 @@ class DatasetInfo:
     metric: str | None
     regressor: str | None
     description: str
+    fit_split: str = "train"
+    test_split: str = "test"
 
 
 def _cub_info(name: str, class_id: int | None, what: str) -> DatasetInfo:
@@ -89,7 +94,8 @@ _INFOS = (
         build_taichi,
         "mean_average_error",
         "visible",
-        "Tai-Chi-HD 256-pixel frames with the published landmark pickles",
+        "Tai-Chi-HD 256-pixel frames: train/ to learn from, the published landmark pickles' images to evaluate",
+        fit_split=TAICHI_FIT_SPLIT,
     ),
     DatasetInfo(
         "deepfashion",
@@ -138,11 +144,11 @@ def build_manifest(dataset: str, root: str, *, seed: int = 0, workdir: str | Non
 
 @dataclass
 class ManifestConfig:
-    dataset: str  # a name in DATASETS
-    root: str  # the dataset's folder, as distributed
-    output: str  # the manifest's Parquet file (local path or URL)
-    seed: int = 0  # seeded crops (h36m_unaligned)
-    workdir: str | None = None  # where cub_aligned writes its images; None: the manifest's folder
+    dataset: str = option(help="a dataset name (skp_ray.datasets.DATASETS), e.g. celeba_wild or taichi")
+    root: str = option(help="the dataset's folder, as distributed")
+    output: str = option(help="the manifest's Parquet file (local path or URL)")
+    seed: int = option(0, "seeded crops (h36m_unaligned)")
+    workdir: str | None = option(None, "where cub_aligned writes its images; default: the manifest's folder")
 
 
 def make_manifest(config: ManifestConfig) -> str:

@@ -23,7 +23,10 @@ SPLITS = ("train", "test")
 
 
 def build_cub_aligned(root: str, *, seed: int = 0, workdir: str | None = None) -> pa.Table:
-    """Images live inside ``cub.h5``; they are written as PNG under ``{workdir}/cub_aligned/{split}/``."""
+    """Images live inside ``cub.h5``; they are written as PNG under ``{workdir}/cub_aligned/{split}/``.
+
+    The file stores keypoints as normalised (y, x); the manifest holds them as (x, y).
+    """
     if workdir is None:
         raise ValueError("cub_aligned stores its images inside cub.h5; pass workdir= to write them as PNG files")
     path = require_file(os.path.join(root, "cub.h5"), "the aligned CUB HDF5 file with train_img/train_kp/train_vis")
@@ -37,7 +40,7 @@ def build_cub_aligned(root: str, *, seed: int = 0, workdir: str | None = None) -
                 uri = os.path.abspath(os.path.join(folder, f"{index:05d}.png"))
                 Image.fromarray(np.ascontiguousarray(images[index].transpose(1, 2, 0))).save(uri)
                 is_visible = visible[index] > 0
-                xy = np.where(is_visible[:, None], points[index].astype(np.float64), np.nan)
+                xy = np.where(is_visible[:, None], points[index, :, ::-1].astype(np.float64), np.nan)
                 rows.append(
                     {
                         "uri": uri,
@@ -51,7 +54,7 @@ def build_cub_aligned(root: str, *, seed: int = 0, workdir: str | None = None) -
 
 
 def _read_aligned_split(f: h5py.File, path: str, split: str) -> tuple[h5py.Dataset, np.ndarray, np.ndarray]:
-    """The split's images (left on disk, read one at a time), keypoints and visibility."""
+    """The split's images (left on disk, read one at a time), keypoints (y, x) and visibility."""
     for name in (f"{split}_img", f"{split}_kp", f"{split}_vis"):
         if name not in f:
             raise DatasetError(f"{path}: dataset {name!r} is missing; expected {split}_img, {split}_kp, {split}_vis")

@@ -4,7 +4,8 @@ Columns (``MANIFEST_SCHEMA``):
 
 - ``uri``: where the image is (absolute local path, or an fsspec URL for ``custom``);
 - ``key``: dataset-relative id, unique within the manifest;
-- ``split``: "train", "test" or "all";
+- ``split``: "train", "test", "all" or "regression_train" (Tai-Chi's annotated images for the
+  regressor, apart from the "train" frames that keypoints are learned from);
 - ``crop_box``: ``[left, top, right, bottom]`` in original-image pixels, right/bottom exclusive,
   possibly reaching outside the image; null = the whole image;
 - ``mask_uri``: a foreground mask to multiply the image by, or null;
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 DATASET_METADATA_KEY = b"skp_ray.dataset"
-SPLITS = ("train", "test", "all")
+SPLITS = ("train", "test", "all", "regression_train")
 
 MANIFEST_SCHEMA = pa.schema(
     [

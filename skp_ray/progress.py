@@ -1,0 +1,80 @@
+"""Progress of a Ray job in its logs: done / total, rate and ETA, one line per interval.
+
+Ray Data's progress bars draw on a terminal only; nightly jobs are read in
+``ray job logs``. Workers add what they finish to a ``ProgressCounter``
+actor; a thread on the driver reads it every interval and prints a line.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ray
+
+__all__ = ["ProgressCounter", "ProgressLog", "format_duration"]
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Counts finished items across workers, and when the work itself started and last finished."""
+
+    def __init__(self) -> None:
+        self.done = self.failed = 0
+        self.first_started: float | None = None
+        self.last_finished: float | None = None
+
+    def add(self, done: int, failed: int, started: float, finished: float) -> None:
+        self.done += done
+        self.failed += failed
+        self.first_started = started if self.first_started is None else min(self.first_started, started)
+        self.last_finished = finished if self.last_finished is None else max(self.last_finished, finished)
+
+    def snapshot(self) -> dict:
+        working = (self.last_finished - self.first_started) if self.first_started is not None else 0.0
+        return {"done": self.done, "failed": self.failed, "working_seconds": working}
+
+
+class ProgressLog:
+    """While open, prints ``[label] done/total ..., rate, ETA`` every ``interval_s`` seconds."""
+
+    def __init__(self, counter, total: int, *, interval_s: float, prefix: str = "[label]"):
+        self.counter, self.total, self.interval_s, self.prefix = counter, total, interval_s, prefix
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-log", daemon=True)
+
+    def __enter__(self) -> ProgressLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def line(self, snapshot: dict) -> str:
+        done, working = snapshot["done"], snapshot["working_seconds"]
+        rate = done / working if working > 0 else 0.0
+        eta = format_duration((self.total - done) / rate) if rate > 0 else "unknown"
+        percent = 100.0 * done / self.total if self.total else 100.0
+        return (
+            f"{self.prefix} {done}/{self.total} images ({percent:.1f} %, {snapshot['failed']} errors), "
+            f"{rate:.2f} images/s, ETA {eta}"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                snapshot = ray.get(self.counter.snapshot.remote(), timeout=self.interval_s)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                continue
+            print(self.line(snapshot), flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m05s``; ``65`` -> ``1m05s``; ``4.2`` -> ``4s``."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
