@@ -23,8 +23,10 @@ reruns, nor on its name: byte-identical files get identical keypoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 import uuid
 from collections import Counter
@@ -274,12 +276,33 @@ def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute
             num_cpus=0 if config.use_gpu else config.cpus_per_actor,
         )
     )
-    with ProgressLog(counter, len(todo), interval_s=config.log_every_s) as progress:
+    if not ray.available_resources().get("CPU"):
+        print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
+    with ProgressLog(counter, len(todo), interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
         pipeline.write_parquet(path, filesystem=filesystem, filename_provider=_LabelFileNames(run_id), schema=OUTPUT_SCHEMA)
     snapshot = ray.get(counter.snapshot.remote())
     print(progress.line(snapshot))
     ray.kill(counter)
     return snapshot["working_seconds"]
+
+
+class _FalseCpuAlarm(logging.Filter):
+    """Ray Data checks for a free CPU again after a write has run, while the finished actor pool still
+    holds its CPUs, and warns that the job "will hang"; it will not (the driver checks before it starts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_cpu_alarm():
+    """Drops Ray Data's false "no available CPUs, will hang" warning while the pipeline runs."""
+    alarm, dataset_logger = _FalseCpuAlarm(), logging.getLogger("ray.data.dataset")
+    dataset_logger.addFilter(alarm)
+    try:
+        yield
+    finally:
+        dataset_logger.removeFilter(alarm)
 
 
 class _LabelFileNames(FilenameProvider):

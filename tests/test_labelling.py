@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,17 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
+import ray.data
 import torch
 from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.detection import detect_keypoints
 from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
-from skp_ray.images import content_hash, read_image, to_tensor
+from skp_ray.images import ImageSource, content_hash, read_image, to_tensor
 from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
 from skp_ray.labelling import (
     LabelConfig,
     LabellingFailed,
+    _decode_batch,
+    _item,
     detection_generator,
     detection_options,
     image_id,
@@ -383,3 +387,35 @@ def test_a_preempted_actor_loses_and_duplicates_nothing(ray_session, artifact, t
     rows = pd.read_parquet(tmp_path / "out")
     assert len(rows) == 6 and rows["image_id"].is_unique and (rows["status"] == "ok").all()
     assert summary.labelled == 6
+
+
+def test_decoded_batches_have_no_pickled_columns(ray_session, tmp_path):
+    """Rows with and without a crop box travel as plain Arrow columns: Ray Data never falls back to
+    pickling a column (which it logs as a warning and which costs every row a pickle)."""
+    write_sample_images(tmp_path / "in", n=2, size=48, seed=19)
+    uris = sorted(str(path) for path in (tmp_path / "in").glob("*.png"))
+    sources = [ImageSource(uris[0], crop_box=(0, 0, 32, 40)), ImageSource(uris[1])]
+    decoded = ray.data.from_items([_item(source) for source in sources]).map_batches(
+        _decode_batch, fn_kwargs={"size": 32, "max_pixels": 10**6, "alpha": "white"}, batch_size=2, num_cpus=0.5
+    )
+    schema = decoded.schema()
+    pickled = [name for name, kind in zip(schema.names, schema.types) if "PythonObject" in type(kind).__name__]
+    assert not pickled, schema
+    rows = decoded.take_all()
+    assert [list(row["crop_box"]) for row in rows] == [[0, 0, 32, 40], [0, 0, 0, 0]]
+    assert [bool(row["has_crop"]) for row in rows] == [True, False]
+
+
+def test_ray_datas_false_cpu_alarm_is_dropped_while_labelling(caplog):
+    """After a write has run, Ray Data re-checks for a free CPU while the finished actor pool still holds
+    them, and warns that the job "will hang". The pipeline drops that line, and only that one."""
+    from skp_ray.labelling import quiet_cpu_alarm
+
+    dataset_logger = logging.getLogger("ray.data.dataset")
+    alarm = "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang"
+    with caplog.at_level(logging.WARNING, logger="ray.data.dataset"), quiet_cpu_alarm():
+        dataset_logger.warning(alarm)
+        dataset_logger.warning("another warning")
+    assert [record.getMessage() for record in caplog.records] == ["another warning"]
+    dataset_logger.warning(alarm)  # outside a labelling run Ray's own warnings are left alone
+    assert caplog.records[-1].getMessage() == alarm
