@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from skp_ray.artifact import load_artifact
 from skp_ray.config import option
 from skp_ray.datasets import DATASETS, ManifestConfig, make_manifest, read_manifest, write_manifest
-from skp_ray.images import DEFAULT_MAX_PIXELS, absolute_uri, join_uri
+from skp_ray.images import absolute_uri, join_uri
 from skp_ray.label_store import read_labels
 from skp_ray.labelling import LabelConfig, run_labelling
 from skp_ray.metrics import inter_eye_distance, mean_average_error, orientation_invariant_error, pck, visible_error
@@ -82,6 +82,12 @@ PUBLISHED = {
 }
 
 
+def labelling_option(name: str):
+    """An option of ``LabelConfig`` with its default and help, for jobs that label on the way."""
+    (field,) = [field for field in fields(LabelConfig) if field.name == name]
+    return option(field.default, field.metadata["help"])
+
+
 @dataclass
 class EvaluateConfig:
     dataset: str = option(help="a dataset name (skp_ray.datasets.DATASETS), e.g. celeba_wild or taichi")
@@ -93,16 +99,16 @@ class EvaluateConfig:
     seed: int = option(0, "the manifest's seeded crops (h36m_unaligned) and the labelling augmentations")
     swap_pairs: str = option("correct", "Human3.6M swap pairs: correct, or published (reproduces the paper's figure)")
     report_images: int = option(8, "test images drawn in the report's pictures")
-    # Labelling, when the job labels the images itself (see skp_ray.labelling.LabelConfig).
-    model: str | None = option(None, "model for labelling; default: the artifact's")
-    augmentation_iterations: int = option(10, "test-time augmentations per image (SPEC 1.5)")
-    batch_size: int = option(8, "images per labelling actor call")
-    actors: str = option("1", "labelling actor pool: N, or MIN,MAX to autoscale")
-    use_gpu: bool | None = option(None, "one GPU per actor; default: GPUs if the cluster has them")
-    cpus_per_actor: float = option(1.0, "CPUs per labelling actor when no GPUs are used")
-    dtype: str = option("float32", "model weights: float32, float16 or bfloat16")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels become too_large error rows")
-    progress: bool = option(True, "Ray Data's progress bars on a terminal")
+    # Labelling, when the job labels the images itself: the labelling job's options, defaults and help.
+    model: str | None = labelling_option("model")
+    augmentation_iterations: int = labelling_option("augmentation_iterations")
+    batch_size: int = labelling_option("batch_size")
+    actors: str = labelling_option("actors")
+    use_gpu: bool | None = labelling_option("use_gpu")
+    cpus_per_actor: float = labelling_option("cpus_per_actor")
+    dtype: str = labelling_option("dtype")
+    max_pixels: int = labelling_option("max_pixels")
+    progress: bool = labelling_option("progress")
 
 
 @dataclass

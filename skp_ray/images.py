@@ -283,7 +283,7 @@ def list_sources(location: str | os.PathLike, *, split: str | None = None) -> li
     """
     location = os.fspath(location)
     fs, path = fsspec.core.url_to_fs(location)
-    local = _is_local(fs)
+    local = is_local_filesystem(fs)
     extension = posixpath.splitext(path)[1].lower()
 
     if any(ch in path for ch in "*?["):
@@ -452,7 +452,8 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether an fsspec filesystem is the local disk."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 

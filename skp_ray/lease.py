@@ -20,6 +20,8 @@ import time
 
 import fsspec
 
+from skp_ray.images import is_local_filesystem
+
 __all__ = ["LEASE_FILE", "LeaseHeldError", "OutputLease"]
 
 LEASE_FILE = "_lease.json"
@@ -76,7 +78,7 @@ class OutputLease:
         return json.dumps(record).encode()
 
     def _create(self) -> None:
-        if _is_local(self.fs):
+        if is_local_filesystem(self.fs):
             try:
                 descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -134,7 +136,3 @@ def _process_alive(pid) -> bool:
         return True
     return True
 
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
