@@ -1,6 +1,8 @@
-"""skp_ray: Stable Keypoints (unsupervised keypoints from Stable Diffusion's cross-attention) at scale."""
+"""skp_ray: Stable Keypoints (unsupervised keypoints from Stable Diffusion's cross-attention) and diffusion-feature
+correspondence (DIFT), at scale."""
 
 from skp_ray.attention import attention_maps, captured_layer_names
+from skp_ray.correspondence import correspondence_pck, dift_features, match_points
 from skp_ray.detection import count_token_picks, detect_keypoints, select_keypoint_tokens
 from skp_ray.diffusion import Diffusion, ModelNotFoundError, load_diffusion, make_tiny_diffusion
 from skp_ray.geometry import random_affine, unwarp, warp
@@ -13,12 +15,15 @@ __all__ = [
     "ModelNotFoundError",
     "attention_maps",
     "captured_layer_names",
+    "correspondence_pck",
     "count_token_picks",
     "detect_keypoints",
+    "dift_features",
     "equivariance_loss",
     "furthest_point_sampling",
     "load_diffusion",
     "make_tiny_diffusion",
+    "match_points",
     "optimize_context",
     "random_affine",
     "select_keypoint_tokens",

@@ -181,6 +181,27 @@ def capture_maps(
             module.set_processor(original)
 
 
+@contextmanager
+def capture_output(module: torch.nn.Module, *, stop_early: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Record ``module``'s output on every call into the yielded list, for the duration.
+
+    With ``stop_early`` the call that reaches ``module`` raises right after it
+    (``run_unet`` swallows that), so nothing later in the UNet runs.
+    """
+    outputs: list[torch.Tensor] = []
+
+    def record(module, inputs, output):
+        outputs.append(output)
+        if stop_early:
+            raise _StopUNet
+
+    hook = module.register_forward_hook(record)
+    try:
+        yield outputs
+    finally:
+        hook.remove()
+
+
 def run_unet(unet: torch.nn.Module, latents, timestep, context) -> None:
     """Call the UNet for its side effects on installed processors, allowing an early stop."""
     try:
@@ -213,7 +234,7 @@ def attention_maps(
     only those tokens (the softmax still runs over all of them).
     """
     layer_names = _selected_layers(diffusion.unet, layers)
-    _check_images(images)
+    check_images(images)
     _check_context(context, diffusion.context_dim)
     if token_indices is not None:
         token_indices = torch.as_tensor(token_indices, dtype=torch.long, device=diffusion.device)
@@ -251,7 +272,7 @@ def _selected_layers(unet: torch.nn.Module, layers: Sequence[int]) -> list[str]:
     return [names[index] for index in sorted(set(layers))]
 
 
-def _check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a float tensor [B, 3, H, W]; got {shape}.")

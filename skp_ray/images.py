@@ -527,3 +527,55 @@ def _resolve(fs: fsspec.AbstractFileSystem, folder: str, entry: str, local: bool
         return os.path.normpath(os.path.join(folder, os.path.expanduser(entry)))
     joined = entry if entry.startswith("/") else posixpath.normpath(posixpath.join(folder, entry))
     return fs.unstrip_protocol(joined)
+
+
+# --- batches of sources, as Ray Data's map_batches hands them over ------------------------------------
+
+
+def source_item(source: ImageSource) -> dict:
+    """One source as a row of plain columns for Ray Data (``decode_batch`` reads them back).
+
+    Plain columns only (no nulls, no ragged lists), so Ray Data never falls back to pickling:
+    no crop is has_crop False, no mask "".
+    """
+    return {
+        "uri": source.uri,
+        "crop_box": np.asarray(source.crop_box or (0, 0, 0, 0), dtype=np.int64),
+        "has_crop": source.crop_box is not None,
+        "mask_uri": source.mask_uri or "",
+    }
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, alpha: str) -> dict[str, np.ndarray]:
+    """Load each row's source (``source_item`` columns) to float [3, size, size]; any failure becomes an
+    error row (``error_cause``, ``error``). Other columns pass through. ``frame`` is the (left, top, right,
+    bottom) of what the model sees, in image pixels; ``width`` and ``height`` are the whole image's."""
+    count = len(batch["uri"])
+    pixels = np.zeros((count, 3, size, size), dtype=np.float32)
+    width, height = np.zeros(count, dtype=np.int32), np.zeros(count, dtype=np.int32)
+    frame = np.zeros((count, 4), dtype=np.float32)
+    digest, cause, message = [""] * count, [""] * count, [""] * count
+    for i, uri in enumerate(batch["uri"]):
+        box = tuple(int(v) for v in batch["crop_box"][i]) if batch["has_crop"][i] else None
+        source = ImageSource(uri, box, batch["mask_uri"][i] or None)
+        try:
+            loaded = load_source(source, size=size, max_pixels=max_pixels, alpha=alpha)
+        except ImageReadError as error:
+            cause[i], message[i] = error.cause, str(error)
+            continue
+        except Exception as error:  # one image's surprise must not stop the run
+            cause[i], message[i] = "read_failed", f"cannot read image {uri!r}: {type(error).__name__}: {error}"
+            continue
+        width[i], height[i], digest[i] = loaded.width, loaded.height, loaded.content_hash
+        frame[i] = loaded.frame
+        pixels[i] = loaded.pixels.numpy()
+    return {
+        **batch,
+        "pixels": pixels,
+        "width": width,
+        "height": height,
+        "frame": frame,
+        "content_hash": np.array(digest, dtype=object),
+        "error_cause": np.array(cause, dtype=object),
+        "error": np.array(message, dtype=object),
+    }

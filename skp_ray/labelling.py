@@ -13,7 +13,7 @@ The pipeline, one Ray Data dataset:
    the artifact, and runs SPEC 1.5 detection per image, the augmentations of
    an image as one batch;
 4. the rows are written as Parquet files beside any earlier ones
-   (``skp_ray.label_store``), and a summary beside them.
+   (``skp_ray.row_store``), and a summary beside them.
 
 Every input yields exactly one row: ``status`` "ok" with keypoints, or "error"
 with the cause. Each image's augmentations come from (seed, the hash of its
@@ -23,10 +23,8 @@ reruns, nor on its name: byte-identical files get identical keypoints.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import logging
 import time
 import uuid
 from collections import Counter
@@ -40,7 +38,6 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
-from ray.data.datasource import FilenameProvider
 
 from skp_ray.artifact import KeypointArtifact, load_artifact
 from skp_ray.config import checked, option
@@ -49,26 +46,19 @@ from skp_ray.diffusion import DTYPES, Diffusion, check_model, load_diffusion, mo
 from skp_ray.images import (
     ALPHA_MODES,
     DEFAULT_MAX_PIXELS,
-    ImageReadError,
     ImageSource,
     absolute_source,
     absolute_uri,
+    decode_batch,
     list_sources,
-    load_source,
+    source_item,
 )
-from skp_ray.label_store import (
-    OUTPUT_SCHEMA,
-    label_file_name,
-    label_files,
-    labelled_ids,
-    parquet_location,
-    read_labels,
-    write_summary,
-)
+from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, labelled_ids, read_labels
+from skp_ray.row_store import RowFileNames, parquet_location, write_summary
 from skp_ray.lease import OutputLease
 from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.randomness import keyed_generator
-from skp_ray.ray_cluster import connect, use_gpus, wait_for_gpus
+from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 
 __all__ = ["LabelConfig", "LabelSummary", "LabellingFailed", "run_labelling", "read_labels", "OUTPUT_SCHEMA"]
 
@@ -188,19 +178,6 @@ def image_id(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
-def parse_actors(actors: str) -> ray.data.ActorPoolStrategy:
-    """``"4"`` -> a pool of 4 actors; ``"1,8"`` -> an autoscaling pool of 1 to 8."""
-    try:
-        sizes = [int(part) for part in str(actors).split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes != sorted(sizes):
-        raise ValueError(f"--actors {actors!r}: give a pool size N or MIN,MAX with 1 <= MIN <= MAX")
-    if len(sizes) == 1:
-        return ray.data.ActorPoolStrategy(size=sizes[0])
-    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
-
-
 def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None = None) -> LabelSummary:
     """Label every input image that has no row in ``config.output`` yet; returns the run's summary.
 
@@ -221,7 +198,7 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     with OutputLease(output, run_id, stale_after_s=config.lease_timeout_s):
         sources = _distinct(absolute_source(source) for source in list_sources(config.input))
         done = labelled_ids(label_files(output), retry_errors=config.retry_errors)
-        todo = [_item(source) for source in sources if image_id(source.uri) not in done]
+        todo = [dict(source_item(source), image_id=image_id(source.uri)) for source in sources if image_id(source.uri) not in done]
         print(f"[label] {len(sources)} images, {len(sources) - len(todo)} already labelled, {len(todo)} to label -> {output}")
         labelling_seconds = _label(config, artifact, todo, output, run_id, compute, on_batch) if todo else 0.0
         summary = _summarise(output, run_id, len(sources), len(sources) - len(todo), started, labelling_seconds)
@@ -262,7 +239,7 @@ def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute
     pipeline = (
         ray.data.from_items(todo, override_num_blocks=-(-len(todo) // config.batch_size))
         .map_batches(
-            _decode_batch,
+            decode_batch,
             fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
             batch_size=config.batch_size,
             num_cpus=0.5,
@@ -279,39 +256,11 @@ def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute
     if not ray.available_resources().get("CPU"):
         print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
     with ProgressLog(counter, len(todo), interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
-        pipeline.write_parquet(path, filesystem=filesystem, filename_provider=_LabelFileNames(run_id), schema=OUTPUT_SCHEMA)
+        pipeline.write_parquet(path, filesystem=filesystem, filename_provider=RowFileNames(LABELS, run_id), schema=OUTPUT_SCHEMA)
     snapshot = ray.get(counter.snapshot.remote())
     print(progress.line(snapshot))
     ray.kill(counter)
     return snapshot["working_seconds"]
-
-
-class _FalseCpuAlarm(logging.Filter):
-    """Ray Data checks for a free CPU again after a write has run, while the finished actor pool still
-    holds its CPUs, and warns that the job "will hang"; it will not (the driver checks before it starts)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "does not have any available CPUs" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def quiet_cpu_alarm():
-    """Drops Ray Data's false "no available CPUs, will hang" warning while the pipeline runs."""
-    alarm, dataset_logger = _FalseCpuAlarm(), logging.getLogger("ray.data.dataset")
-    dataset_logger.addFilter(alarm)
-    try:
-        yield
-    finally:
-        dataset_logger.removeFilter(alarm)
-
-
-class _LabelFileNames(FilenameProvider):
-    def __init__(self, run_id: str):
-        super().__init__(file_format="parquet")
-        self.run_id = run_id
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return label_file_name(self.run_id, write_uuid, task_index)
 
 
 def _distinct(sources) -> list[ImageSource]:
@@ -320,55 +269,6 @@ def _distinct(sources) -> list[ImageSource]:
     for source in sources:
         first.setdefault(source.uri, source)
     return list(first.values())
-
-
-def _item(source: ImageSource) -> dict:
-    # Plain columns only (no nulls, no ragged lists), so Ray Data never falls back to pickling:
-    # no crop is has_crop False, no mask "".
-    return {
-        "uri": source.uri,
-        "image_id": image_id(source.uri),
-        "crop_box": np.asarray(source.crop_box or (0, 0, 0, 0), dtype=np.int64),
-        "has_crop": source.crop_box is not None,
-        "mask_uri": source.mask_uri or "",
-    }
-
-
-def _decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, alpha: str) -> dict[str, np.ndarray]:
-    """Read, decode, crop, resize and mask each image to float [3, size, size]; any failure becomes
-    an error row. ``frame`` is the (left, top, right, bottom) of what the model sees, in image pixels."""
-    count = len(batch["uri"])
-    pixels = np.zeros((count, 3, size, size), dtype=np.float32)
-    width, height = np.zeros(count, dtype=np.int32), np.zeros(count, dtype=np.int32)
-    frame = np.zeros((count, 4), dtype=np.float32)
-    digest, cause, message = [""] * count, [""] * count, [""] * count
-    for i, uri in enumerate(batch["uri"]):
-        box = tuple(int(v) for v in batch["crop_box"][i]) if batch["has_crop"][i] else None
-        source = ImageSource(uri, box, batch["mask_uri"][i] or None)
-        try:
-            loaded = load_source(source, size=size, max_pixels=max_pixels, alpha=alpha)
-        except ImageReadError as error:
-            cause[i], message[i] = error.cause, str(error)
-            continue
-        except Exception as error:  # one image's surprise must not stop the run
-            cause[i], message[i] = "read_failed", f"cannot read image {uri!r}: {type(error).__name__}: {error}"
-            continue
-        width[i], height[i], digest[i] = loaded.width, loaded.height, loaded.content_hash
-        frame[i] = loaded.frame
-        pixels[i] = loaded.pixels.numpy()
-    return {
-        "uri": batch["uri"],
-        "image_id": batch["image_id"],
-        "crop_box": batch["crop_box"],
-        "has_crop": batch["has_crop"],
-        "pixels": pixels,
-        "width": width,
-        "height": height,
-        "frame": frame,
-        "content_hash": np.array(digest, dtype=object),
-        "error_cause": np.array(cause, dtype=object),
-        "error": np.array(message, dtype=object),
-    }
 
 
 def detection_options(settings: dict) -> dict:

@@ -23,6 +23,7 @@ __all__ = [
     "ORDERS",
     "axis_ticks",
     "captioned",
+    "correspondence_pair",
     "draw_keypoints",
     "heatmap_overlay",
     "image_grid",
@@ -193,6 +194,53 @@ def landmark_comparison(
         draw.line([(tx, ty), (px, py)], fill=colour, width=1)
         draw.ellipse([tx - radius, ty - radius, tx + radius, ty + radius], outline=colour, width=2)
     return picture
+
+
+def correspondence_pair(
+    source: np.ndarray | Image.Image,
+    target: np.ndarray | Image.Image,
+    source_xy: np.ndarray,
+    predicted_xy: np.ndarray,
+    true_xy: np.ndarray | None = None,
+    *,
+    height: int = 192,
+    gap: int = 8,
+) -> Image.Image:
+    """Source (left) and target (right) at ``height`` pixels, aspect kept: point i in colour i as a dot at
+    its source pixel and at its predicted target pixel, a line joining the two; the true target point, when
+    given, as a ring in the same colour. Points are (x, y) in pixels of the original images (uint8 [H, W, 3]
+    arrays or PIL images)."""
+    left, right = (_at_height(Image.fromarray(image) if isinstance(image, np.ndarray) else image, height) for image in (source, target))
+    canvas = Image.new("RGB", (left.width + gap + right.width, height), _WHITE)
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    offset = np.array([left.width + gap, 0.0])
+    src = _scaled_xy(source_xy, left.size, source)
+    pred = _scaled_xy(predicted_xy, right.size, target) + offset
+    radius = max(3.0, height / 64.0)
+    colours = keypoint_colours(len(src))
+    draw = ImageDraw.Draw(canvas)
+    for colour, a, b in zip(colours, src, pred):
+        draw.line([tuple(a), tuple(b)], fill=colour, width=1)
+    if true_xy is not None:
+        for colour, (tx, ty) in zip(colours, _scaled_xy(true_xy, right.size, target) + offset):
+            draw.ellipse([tx - radius - 1, ty - radius - 1, tx + radius + 1, ty + radius + 1], outline=colour, width=2)
+    for colour, point in [*zip(colours, src), *zip(colours, pred)]:
+        x, y = point
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=_OUTLINE, width=1)
+    return canvas
+
+
+def _at_height(picture: Image.Image, height: int) -> Image.Image:
+    width = max(1, round(picture.width * height / picture.height))
+    return picture.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _scaled_xy(points_xy, shown_size: tuple[int, int], original) -> np.ndarray:
+    """Pixel indices (x, y) of the original image -> PIL coordinates of the picture shown at ``shown_size``."""
+    width, height = original.size if isinstance(original, Image.Image) else (original.shape[1], original.shape[0])
+    points = _as_numpy(points_xy).reshape(-1, 2).astype(np.float64) + 0.5  # pixel centres
+    return points * np.array([shown_size[0] / width, shown_size[1] / height]) - 0.5
 
 
 def image_grid(

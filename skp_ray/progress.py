@@ -8,7 +8,6 @@ actor; a thread on the driver reads it every interval and prints a line.
 from __future__ import annotations
 
 import threading
-import time
 
 import ray
 
@@ -36,10 +35,10 @@ class ProgressCounter:
 
 
 class ProgressLog:
-    """While open, prints ``[label] done/total ..., rate, ETA`` every ``interval_s`` seconds."""
+    """While open, prints ``[label] done/total images, rate, ETA`` every ``interval_s`` seconds."""
 
-    def __init__(self, counter, total: int, *, interval_s: float, prefix: str = "[label]"):
-        self.counter, self.total, self.interval_s, self.prefix = counter, total, interval_s, prefix
+    def __init__(self, counter, total: int, *, interval_s: float, prefix: str = "[label]", unit: str = "images"):
+        self.counter, self.total, self.interval_s, self.prefix, self.unit = counter, total, interval_s, prefix, unit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-log", daemon=True)
 
@@ -57,8 +56,8 @@ class ProgressLog:
         eta = format_duration((self.total - done) / rate) if rate > 0 else "unknown"
         percent = 100.0 * done / self.total if self.total else 100.0
         return (
-            f"{self.prefix} {done}/{self.total} images ({percent:.1f} %, {snapshot['failed']} errors), "
-            f"{rate:.2f} images/s, ETA {eta}"
+            f"{self.prefix} {done}/{self.total} {self.unit} ({percent:.1f} %, {snapshot['failed']} errors), "
+            f"{rate:.2f} {self.unit}/s, ETA {eta}"
         )
 
     def _run(self) -> None:

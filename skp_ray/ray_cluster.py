@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 import ray
+import ray.data
 
 # How often the GPU wait checks the cluster and says what it is waiting for.
 GPU_POLL_SECONDS = 5.0
@@ -61,3 +64,35 @@ def _gpus() -> float:
 def _resource_summary() -> str:
     resources = ray.cluster_resources()
     return ", ".join(f"{name} {value:g}" for name, value in sorted(resources.items()) if "node:" not in name)
+
+
+def parse_actors(actors: str) -> ray.data.ActorPoolStrategy:
+    """``"4"`` -> a pool of 4 actors; ``"1,8"`` -> an autoscaling pool of 1 to 8."""
+    try:
+        sizes = [int(part) for part in str(actors).split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes != sorted(sizes):
+        raise ValueError(f"--actors {actors!r}: give a pool size N or MIN,MAX with 1 <= MIN <= MAX")
+    if len(sizes) == 1:
+        return ray.data.ActorPoolStrategy(size=sizes[0])
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+
+
+class _FalseCpuAlarm(logging.Filter):
+    """Ray Data checks for a free CPU again after a write has run, while the finished actor pool still
+    holds its CPUs, and warns that the job "will hang"; it will not (the driver checks before it starts)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not have any available CPUs" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_cpu_alarm():
+    """Drops Ray Data's false "no available CPUs, will hang" warning while the pipeline runs."""
+    alarm, dataset_logger = _FalseCpuAlarm(), logging.getLogger("ray.data.dataset")
+    dataset_logger.addFilter(alarm)
+    try:
+        yield
+    finally:
+        dataset_logger.removeFilter(alarm)

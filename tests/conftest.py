@@ -88,3 +88,17 @@ def refuse_ray(monkeypatch):
         monkeypatch.setattr(f"{module}.connect", refuse)
 
     return install
+
+
+@pytest.fixture(scope="session")
+def tiny21_path(tmp_path_factory) -> str:
+    """The embedded tiny SD-2.1-shaped model (DIFT's topology), written once per session."""
+    from skp_ray.diffusion import make_tiny_sd21
+
+    return make_tiny_sd21(tmp_path_factory.mktemp("models") / "tiny-sd21", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny21(tiny21_path):
+    """The tiny SD 2.1 model in float32 on the CPU, text encoder and tokenizer included. Do not change its weights."""
+    return load_diffusion(tiny21_path, dtype=torch.float32, device="cpu")

@@ -24,20 +24,18 @@ from PIL import Image
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.detection import detect_keypoints
 from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
-from skp_ray.images import ImageSource, content_hash, read_image, to_tensor
+from skp_ray.images import ImageSource, content_hash, decode_batch, read_image, source_item, to_tensor
 from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
 from skp_ray.labelling import (
     LabelConfig,
     LabellingFailed,
-    _decode_batch,
-    _item,
     detection_generator,
     detection_options,
     image_id,
-    parse_actors,
     run_labelling,
 )
 from skp_ray.lease import LeaseHeldError, OutputLease
+from skp_ray.ray_cluster import parse_actors, quiet_cpu_alarm
 from skp_ray.samples import write_sample_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -395,8 +393,8 @@ def test_decoded_batches_have_no_pickled_columns(ray_session, tmp_path):
     write_sample_images(tmp_path / "in", n=2, size=48, seed=19)
     uris = sorted(str(path) for path in (tmp_path / "in").glob("*.png"))
     sources = [ImageSource(uris[0], crop_box=(0, 0, 32, 40)), ImageSource(uris[1])]
-    decoded = ray.data.from_items([_item(source) for source in sources]).map_batches(
-        _decode_batch, fn_kwargs={"size": 32, "max_pixels": 10**6, "alpha": "white"}, batch_size=2, num_cpus=0.5
+    decoded = ray.data.from_items([source_item(source) for source in sources]).map_batches(
+        decode_batch, fn_kwargs={"size": 32, "max_pixels": 10**6, "alpha": "white"}, batch_size=2, num_cpus=0.5
     )
     schema = decoded.schema()
     pickled = [name for name, kind in zip(schema.names, schema.types) if "PythonObject" in type(kind).__name__]
@@ -409,8 +407,6 @@ def test_decoded_batches_have_no_pickled_columns(ray_session, tmp_path):
 def test_ray_datas_false_cpu_alarm_is_dropped_while_labelling(caplog):
     """After a write has run, Ray Data re-checks for a free CPU while the finished actor pool still holds
     them, and warns that the job "will hang". The pipeline drops that line, and only that one."""
-    from skp_ray.labelling import quiet_cpu_alarm
-
     dataset_logger = logging.getLogger("ray.data.dataset")
     alarm = "Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang"
     with caplog.at_level(logging.WARNING, logger="ray.data.dataset"), quiet_cpu_alarm():

@@ -93,7 +93,7 @@ def image_size(path: str) -> tuple[int, int]:
 def manifest_table(rows: list[dict], dataset: str) -> pa.Table:
     """Validate ``rows`` (dicts with the manifest columns; optional ones may be left out) into a manifest."""
     _check_rows(rows, dataset)
-    columns = {field.name: [_plain(row.get(field.name)) for row in rows] for field in MANIFEST_SCHEMA}
+    columns = {field.name: [plain(row.get(field.name)) for row in rows] for field in MANIFEST_SCHEMA}
     schema = MANIFEST_SCHEMA.with_metadata({DATASET_METADATA_KEY: dataset.encode()})
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -128,12 +128,12 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     return table.replace_schema_metadata({DATASET_METADATA_KEY: dataset} if dataset is not None else None)
 
 
-def _plain(value):
+def plain(value):
     """numpy arrays and scalars -> Python lists and numbers, which pyarrow converts without surprises."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -164,7 +164,7 @@ def _check_rows(rows: list[dict], dataset: str) -> None:
 def _check_crop_box(box, where: str) -> None:
     if box is None:
         return
-    box = _plain(box)
+    box = plain(box)
     if len(box) != 4 or not all(isinstance(v, int) for v in box):
         raise DatasetError(f"{where}: crop_box {box}; expected 4 integers [left, top, right, bottom]")
     if box[2] <= box[0] or box[3] <= box[1]:
@@ -177,7 +177,7 @@ def _check_landmarks(landmarks, visible, where: str) -> int | None:
         return None
     if landmarks is None or visible is None:
         raise DatasetError(f"{where}: expected landmarks_xy and visible both set or both null")
-    landmarks, visible = _plain(landmarks), _plain(visible)
+    landmarks, visible = plain(landmarks), plain(visible)
     for point in landmarks:
         if len(point) != 2 or not all(isinstance(v, (int, float)) and not math.isinf(v) for v in point):
             raise DatasetError(f"{where}: landmark {point}; expected a pair of finite numbers or NaN")
