@@ -124,6 +124,38 @@ def detect_keypoints(
     return torch.stack(keypoints), torch.stack(peaks)
 
 
+def draw_augmentations(
+    diffusion: Diffusion,
+    generator: torch.Generator,
+    *,
+    augmentation_iterations: int = 10,
+    degrees: float = 15.0,
+    scale: tuple[float, float] = (0.8, 1.0),
+    translate: tuple[float, float] = (0.25, 0.25),
+    image_size: int | None = None,
+    **map_options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``detect_keypoints`` draws from ``generator`` for one image alone: (thetas [A, 2, 3], noise [A, C, h, w]).
+
+    The same draws in the same order: the A random affines first, then the A
+    latent noises (``attention_maps`` draws them when it noises the latents).
+    Stacked over images and passed as ``thetas`` [B, A, 2, 3] and ``noise``
+    [B, A, C, h, w], they give every image of one call the keypoints that a
+    call of its own with its own generator gives it. ``map_options`` (the
+    other ``detect_keypoints`` options) are accepted and unused, so one options
+    dict serves both calls.
+    """
+    if augmentation_iterations < 1:
+        raise ValueError(f"augmentation_iterations must be at least 1; got {augmentation_iterations}.")
+    thetas = random_affine(
+        augmentation_iterations, degrees=degrees, scale=scale, translate=translate, generator=generator
+    )
+    side = (image_size or diffusion.image_size) // diffusion.vae_scale_factor
+    shape = (augmentation_iterations, diffusion.unet.config.in_channels, side, side)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)  # as add_noise draws
+    return thetas, noise
+
+
 def _check_noise(noise: torch.Tensor, diffusion: Diffusion, images_and_copies: torch.Size, size: int) -> None:
     side = size // diffusion.vae_scale_factor
     expected = (*images_and_copies, diffusion.unet.config.in_channels, side, side)

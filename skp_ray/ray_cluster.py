@@ -66,17 +66,23 @@ def _resource_summary() -> str:
     return ", ".join(f"{name} {value:g}" for name, value in sorted(resources.items()) if "node:" not in name)
 
 
-def parse_actors(actors: str) -> ray.data.ActorPoolStrategy:
-    """``"4"`` -> a pool of 4 actors; ``"1,8"`` -> an autoscaling pool of 1 to 8."""
+def parse_pool_sizes(text: str, option: str) -> tuple[int, int]:
+    """``"4"`` -> (4, 4); ``"1,8"`` -> (1, 8): a fixed pool size or an autoscaling MIN,MAX."""
     try:
-        sizes = [int(part) for part in str(actors).split(",")]
+        sizes = [int(part) for part in str(text).split(",")]
     except ValueError:
         sizes = []
     if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes != sorted(sizes):
-        raise ValueError(f"--actors {actors!r}: give a pool size N or MIN,MAX with 1 <= MIN <= MAX")
-    if len(sizes) == 1:
-        return ray.data.ActorPoolStrategy(size=sizes[0])
-    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+        raise ValueError(f"{option} {text!r}: give a size N or MIN,MAX with 1 <= MIN <= MAX")
+    return sizes[0], sizes[-1]
+
+
+def parse_actors(actors: str) -> ray.data.ActorPoolStrategy:
+    """``"4"`` -> a pool of 4 actors; ``"1,8"`` -> an autoscaling pool of 1 to 8."""
+    low, high = parse_pool_sizes(actors, "--actors")
+    if low == high:
+        return ray.data.ActorPoolStrategy(size=low)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
 class _FalseCpuAlarm(logging.Filter):

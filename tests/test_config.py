@@ -111,6 +111,7 @@ def test_a_config_built_in_python_is_typed_too():
         ("jobs/evaluate.py", "skp_ray.evaluation:EvaluateConfig"),
         ("jobs/manifest.py", "skp_ray.datasets:ManifestConfig"),
         ("jobs/correspond.py", "skp_ray.correspondence.job:CorrespondConfig"),
+        ("jobs/serve.py", "skp_ray.serving:ServeConfig"),
     ],
 )
 def test_help_describes_every_option(job, config_class):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import skp_ray.detection as detection
-from skp_ray.detection import count_token_picks, detect_keypoints, select_keypoint_tokens
+from skp_ray.detection import count_token_picks, detect_keypoints, draw_augmentations, select_keypoint_tokens
 from skp_ray.geometry import random_affine, warp
 
 
@@ -113,6 +113,26 @@ def test_given_noise_replays_a_generator_driven_run(tiny):
     assert torch.equal(again[1], drawn[1])
     other = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=-noise, **options)
     assert not torch.equal(other[1], drawn[1])
+
+
+def test_drawn_augmentations_let_images_with_their_own_generators_share_one_call(tiny):
+    images = torch.rand(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    options = dict(image_size=128, feature_upsample_res=32, layers=(0, 1), degrees=10.0, scale=(0.9, 1.0))
+    seeds = [4, 5, 4]  # two images with equal generators draw alike
+    alone = [
+        detect_keypoints(tiny, image[None], context, [5, 2, 7], augmentation_iterations=3,
+                         generator=torch.Generator().manual_seed(seed), **options)
+        for image, seed in zip(images, seeds)
+    ]  # fmt: skip
+    draws = [draw_augmentations(tiny, torch.Generator().manual_seed(seed), augmentation_iterations=3, **options) for seed in seeds]
+    assert draws[0][0].shape == (3, 2, 3) and draws[0][1].shape == (3, 4, 16, 16)
+    thetas, noise = torch.stack([t for t, _ in draws]), torch.stack([n for _, n in draws])
+    together = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=noise, **options)
+    for i, (points, peaks) in enumerate(alone):
+        assert torch.equal(together[0][i], points[0]) and torch.equal(together[1][i], peaks[0])
+    with pytest.raises(ValueError, match="augmentation_iterations must be at least 1"):
+        draw_augmentations(tiny, torch.Generator(), augmentation_iterations=0)
 
 
 def test_noise_of_the_wrong_shape_is_refused(tiny):
