@@ -43,7 +43,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from skp_ray.datasets.manifest import DATASET_METADATA_KEY, DatasetError, plain
+from skp_ray.datasets.manifest import DATASET_METADATA_KEY, DatasetError, plain, write_manifest
 from skp_ray.images import is_local_filesystem
 
 __all__ = [
@@ -235,12 +235,7 @@ def write_pairs(table: pa.Table, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not table.schema.remove_metadata().equals(PAIRS_SCHEMA.remove_metadata()):
         raise PairsError(f"{path}: the table is not a pairs manifest; expected the columns of PAIRS_SCHEMA")
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    parent = posixpath.dirname(fs_path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(fs_path, "wb") as f:
-        pq.write_table(table, f)
+    write_manifest(table, path)
 
 
 def read_pairs(path_or_uri: str | os.PathLike, *, split: str | None = None) -> pa.Table:
