@@ -1,8 +1,8 @@
 """skp_ray: Stable Keypoints (unsupervised keypoints from Stable Diffusion's cross-attention) and diffusion-feature
-correspondence (DIFT), at scale."""
+correspondence (DIFT, prompt-optimised contexts), at scale."""
 
 from skp_ray.attention import attention_maps, captured_layer_names
-from skp_ray.correspondence import correspondence_pck, dift_features, match_points
+from skp_ray.correspondence import correspondence_pck, dift_features, locate_point, match_points, optimize_point_contexts
 from skp_ray.detection import count_token_picks, detect_keypoints, select_keypoint_tokens
 from skp_ray.diffusion import Diffusion, ModelNotFoundError, load_diffusion, make_tiny_diffusion
 from skp_ray.geometry import random_affine, unwarp, warp
@@ -22,9 +22,11 @@ __all__ = [
     "equivariance_loss",
     "furthest_point_sampling",
     "load_diffusion",
+    "locate_point",
     "make_tiny_diffusion",
     "match_points",
     "optimize_context",
+    "optimize_point_contexts",
     "random_affine",
     "select_keypoint_tokens",
     "sharpening_loss",

@@ -51,47 +51,32 @@ def _up_block_sides(unet: torch.nn.Module) -> list[int]:
     return sides
 
 
-class MapCaptureProcessor:
-    """Runs a layer's usual attention processor and records the token maps of its queries.
+class CaptureProcessor:
+    """Runs a layer's usual attention processor and records ``measure(attn, hidden_states, context)``.
 
-    The maps for the layer's input grid h x w, upsampled bicubically to
-    ``upsample_res``: per head softmax over tokens of q k^T / sqrt(d), then the
-    mean over heads, appended to ``sink`` as [B, T, res, res].
-
-    With ``upsample_logits`` (the default) the logits are computed at the native
-    grid and upsampled before the softmax. Bicubic upsampling, the bias-free
-    ``to_q`` and the product with the keys are all linear, so this equals
-    upsampling the features first, up to rounding, at a fraction of the work.
+    The measure sees the layer's input (after the block's norm) and its
+    context; its result is appended to ``sink``, once per call.
     """
 
-    def __init__(
-        self,
-        processor,
-        sink: list[torch.Tensor],
-        *,
-        upsample_res: int,
-        upsample_logits: bool = True,
-        token_indices: torch.Tensor | None = None,
-    ):
+    def __init__(self, processor, sink: list[torch.Tensor], measure):
         self.processor = processor
         self.sink = sink
-        self.upsample_res = upsample_res
-        self.upsample_logits = upsample_logits
-        self.token_indices = token_indices
+        self.measure = measure
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, *args, **kwargs):
         output = self.processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-        maps = token_maps(
-            attn,
-            hidden_states,
-            encoder_hidden_states,
-            upsample_res=self.upsample_res,
-            upsample_logits=self.upsample_logits,
-        )
-        if self.token_indices is not None:
-            maps = maps[:, self.token_indices]
-        self.sink.append(maps)
+        self.sink.append(self.measure(attn, hidden_states, encoder_hidden_states))
         return output
+
+
+def _token_maps_measure(upsample_res: int, upsample_logits: bool, token_indices: torch.Tensor | None):
+    """SPEC 1.2's measure: ``token_maps`` of the layer, then only ``token_indices`` (all tokens: None)."""
+
+    def measure(attn, hidden_states, context):
+        maps = token_maps(attn, hidden_states, context, upsample_res=upsample_res, upsample_logits=upsample_logits)
+        return maps if token_indices is None else maps[:, token_indices]
+
+    return measure
 
 
 def token_maps(
@@ -144,16 +129,11 @@ def _stop_unet(module, inputs, output):
 
 
 @contextmanager
-def capture_maps(
-    unet: torch.nn.Module,
-    layer_names: Sequence[str],
-    *,
-    upsample_res: int,
-    upsample_logits: bool = True,
-    token_indices: torch.Tensor | None = None,
-    stop_early: bool = True,
+def capture_attention(
+    unet: torch.nn.Module, layer_names: Sequence[str], measure, *, stop_early: bool = True
 ) -> Iterator[list[torch.Tensor]]:
-    """Install capture processors on ``layer_names`` for the duration; yields the list they fill.
+    """Record ``measure(attn, hidden_states, context)`` at each of ``layer_names`` for the duration;
+    yields the list it fills, in call order.
 
     Other layers keep their own (fast) processors. With ``stop_early`` the UNet
     call raises after the last named layer; ``run_unet`` swallows that.
@@ -162,15 +142,7 @@ def capture_maps(
     modules = [unet.get_submodule(name) for name in layer_names]
     originals = [module.processor for module in modules]
     for module, original in zip(modules, originals):
-        module.set_processor(
-            MapCaptureProcessor(
-                original,
-                sink,
-                upsample_res=upsample_res,
-                upsample_logits=upsample_logits,
-                token_indices=token_indices,
-            )
-        )
+        module.set_processor(CaptureProcessor(original, sink, measure))
     hook = modules[-1].register_forward_hook(_stop_unet) if stop_early else None
     try:
         yield sink
@@ -179,6 +151,20 @@ def capture_maps(
             hook.remove()
         for module, original in zip(modules, originals):
             module.set_processor(original)
+
+
+def capture_maps(
+    unet: torch.nn.Module,
+    layer_names: Sequence[str],
+    *,
+    upsample_res: int,
+    upsample_logits: bool = True,
+    token_indices: torch.Tensor | None = None,
+    stop_early: bool = True,
+):
+    """``capture_attention`` of SPEC 1.2's token maps [B, T, res, res] (only ``token_indices`` when given)."""
+    measure = _token_maps_measure(upsample_res, upsample_logits, token_indices)
+    return capture_attention(unet, layer_names, measure, stop_early=stop_early)
 
 
 @contextmanager
@@ -233,7 +219,7 @@ def attention_maps(
     Each pixel's map sums to 1 over all T tokens; ``token_indices`` then keeps
     only those tokens (the softmax still runs over all of them).
     """
-    layer_names = _selected_layers(diffusion.unet, layers)
+    layer_names = selected_layers(diffusion.unet, layers)
     check_images(images)
     _check_context(context, diffusion.context_dim)
     if token_indices is not None:
@@ -259,7 +245,8 @@ def attention_maps(
     return torch.stack(per_layer).mean(dim=0)
 
 
-def _selected_layers(unet: torch.nn.Module, layers: Sequence[int]) -> list[str]:
+def selected_layers(unet: torch.nn.Module, layers: Sequence[int]) -> list[str]:
+    """The names of captured layers ``layers`` (indices into ``captured_layer_names``), checked, in call order."""
     names = captured_layer_names(unet)
     if not layers:
         raise ValueError("layers is empty: name at least one captured layer index.")

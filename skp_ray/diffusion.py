@@ -469,6 +469,18 @@ SD15_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=32,
 )
+# The real SD 1.5 VAE's shape (stable-diffusion-v1-5/vae/config.json), for benchmarks.
+SD15_VAE = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+)
 # SD 1.5's scheduler config, offset and all, so the loader's DDIM conversion is exercised.
 SD15_SCHEDULER = dict(
     beta_start=0.00085,

@@ -36,8 +36,10 @@ class LeaseHeldError(RuntimeError):
 class OutputLease:
     """The lease on ``output`` for ``owner`` (a run id); use as a context manager."""
 
-    def __init__(self, output: str, owner: str, *, stale_after_s: float = 300.0, heartbeat_s: float | None = None):
-        self.output, self.owner, self.stale_after_s = output, owner, stale_after_s
+    def __init__(
+        self, output: str, owner: str, *, stale_after_s: float = 300.0, heartbeat_s: float | None = None, tag: str = "label"
+    ):
+        self.output, self.owner, self.stale_after_s, self.tag = output, owner, stale_after_s, tag  # tag: the log prefix
         self.heartbeat_s = heartbeat_s or max(1.0, stale_after_s / 5)
         self.fs, folder = fsspec.core.url_to_fs(output)
         self.path = posixpath.join(folder, LEASE_FILE)
@@ -58,7 +60,7 @@ class OutputLease:
         if held is not None and not self._is_stale(held):
             raise LeaseHeldError(self._held_message(held))
         if held is not None:
-            print(f"[label] taking over a stale lease on {self.output} (owner {held.get('owner')}, {self._age(held):.0f} s old)")
+            print(f"[{self.tag}] taking over a stale lease on {self.output} (owner {held.get('owner')}, {self._age(held):.0f} s old)")
             self.fs.rm_file(self.path)
         self._create()
         self._thread = threading.Thread(target=self._beat, name="output-lease", daemon=True)

@@ -44,6 +44,7 @@ class RowFormat:
     job: str  # the job that writes them, for messages: "jobs/label.py"
     tag: str  # log prefix: "label"
     noun: str  # what the files hold, for messages: "label files"
+    own_files: tuple[str, ...] = ()  # other files the job writes at the top of its output (metrics, pictures)
 
     def file_name(self, run_id: str, write_id: str, task_index: int) -> str:
         """The name of one file of rows (Ray Data appends ``-<block>`` before the extension)."""
@@ -84,8 +85,8 @@ def row_files(output: str, row_format: RowFormat, *, log=print) -> RowFiles:
     tag = row_format.tag
     for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=False)):
         name = info.base_name
-        if name.startswith(("_", ".")):
-            continue  # our lease, summaries, caches and set-aside files; hidden files
+        if name.startswith(("_", ".")) or name in row_format.own_files:
+            continue  # our lease, summaries, caches, reports and set-aside files; hidden files
         if info.type != pafs.FileType.File or not row_format.is_file_name(name):
             foreign.append(name)
             continue

@@ -175,7 +175,7 @@ def test_a_second_manifest_sharing_images_extracts_only_the_new_ones(ray_session
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(method="ldm"), "--method 'ldm' is not one of"),
+        (dict(method="sift"), "--method 'sift' is not one of"),
         (dict(pck_reference="bbox"), "--pck_reference 'bbox'"),
         (dict(feature_dtype="int8"), "--feature_dtype 'int8'"),
         (dict(prompt="a {thing}"), "only placeholder allowed is {category}"),

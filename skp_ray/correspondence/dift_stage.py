@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +25,27 @@ import torch
 
 from skp_ray.correspondence.feature_cache import FeatureCache, image_key
 from skp_ray.correspondence.features import dift_features, draw_dift_noise, encode_prompt
-from skp_ray.correspondence.match_store import MATCHES, MATCHES_SCHEMA
 from skp_ray.correspondence.matching import match_points
-from skp_ray.diffusion import DTYPES, load_diffusion, load_unet_weights, model_location
+from skp_ray.correspondence.pair_rows import PairError, PairRows, check_failed, check_size, query_pixels, write_pair_rows
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, load_unet_weights, model_location
 from skp_ray.images import ImageSource, absolute_uri, decode_batch, source_item
 from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import quiet_cpu_alarm
-from skp_ray.row_store import RowFileNames, parquet_location
+
+__all__ = [
+    "DiftExtractor",
+    "PairError",  # PairError and query_pixels live in pair_rows, shared with the LDM stage
+    "PairMatcher",
+    "extract_features",
+    "feature_settings",
+    "load_model",
+    "match_pairs",
+    "pair_items",
+    "pool_options",
+    "prompt_for",
+    "query_pixels",
+]
 
 # Everything that changes a feature map; the cache keeps one folder per distinct set.
 _FEATURE_SETTINGS = ("method", "model", "revision", "unet_weights", "timestep", "up_block", "ensemble_size", "image_size", "no_noise", "seed", "dtype")
@@ -80,7 +92,8 @@ def pair_items(pairs: pa.Table, template: str) -> tuple[list[dict], list[dict]]:
     return items, list(images.values())
 
 
-def _pool_options(config, compute) -> dict:
+def pool_options(config, compute) -> dict:
+    """Ray Data's resources for a model-holding actor pool: one GPU per actor, or --cpus_per_actor."""
     return dict(
         compute=compute,
         num_gpus=1 if config.use_gpu else 0,
@@ -103,7 +116,7 @@ def extract_features(config, cache: FeatureCache, images: list[dict], compute) -
             DiftExtractor,
             fn_constructor_kwargs={"config": config, "cache": cache, "counter": counter},
             batch_size=config.batch_size,
-            **_pool_options(config, compute),
+            **pool_options(config, compute),
         )
     )
     with ProgressLog(counter, len(images), interval_s=config.log_every_s, prefix="[correspond] features:") as log:
@@ -114,16 +127,22 @@ def extract_features(config, cache: FeatureCache, images: list[dict], compute) -
     return {row["image_key"]: {"cause": row["error_cause"], "error": row["error"]} for row in rows if row["error_cause"]}
 
 
+def load_model(config, device: str, *, text_encoder: bool = True) -> Diffusion:
+    """The job's model on ``device``, with --unet_weights in place of its UNet's weights when given."""
+    diffusion = load_diffusion(
+        model_location(config.model), dtype=DTYPES[config.dtype], device=device, revision=config.revision, text_encoder=text_encoder
+    )
+    if config.unet_weights:
+        load_unet_weights(diffusion, config.unet_weights)
+    return diffusion
+
+
 class DiftExtractor:
     """A Ray Data actor: holds the model; turns batches of decoded images into cached feature maps."""
 
     def __init__(self, config, cache: FeatureCache, counter):
         self.device = "cuda" if config.use_gpu else "cpu"
-        self.diffusion = load_diffusion(
-            model_location(config.model), dtype=DTYPES[config.dtype], device=self.device, revision=config.revision
-        )
-        if config.unet_weights:
-            load_unet_weights(self.diffusion, config.unet_weights)
+        self.diffusion = load_model(config, self.device)
         self.config, self.cache, self.counter = config, cache, counter
         self.prompts: dict[str, torch.Tensor] = {}
 
@@ -196,83 +215,31 @@ def match_pairs(config, cache: FeatureCache, items: list[dict], failures: dict, 
         for side in ("source", "target"):
             failed = failures.get(item[f"{side}_key"], {"cause": "", "error": ""})
             item[f"{side}_cause"], item[f"{side}_error"] = failed["cause"], failed["error"]
-    path, filesystem = parquet_location(output)
     counter = ProgressCounter.remote()
     dataset = ray.data.from_items(items, override_num_blocks=-(-len(items) // config.pairs_batch_size)).map_batches(
         PairMatcher,
         fn_constructor_kwargs={"config": config, "cache": cache, "counter": counter, "run_id": run_id},
         batch_size=config.pairs_batch_size,
-        **_pool_options(config, compute),
+        **pool_options(config, compute),
     )
-    with ProgressLog(counter, len(items), interval_s=config.log_every_s, prefix="[correspond] pairs:", unit="pairs") as log:
-        with quiet_cpu_alarm():
-            dataset.write_parquet(path, filesystem=filesystem, filename_provider=RowFileNames(MATCHES, run_id), schema=MATCHES_SCHEMA)
-        print(log.line(ray.get(counter.snapshot.remote())))
-    ray.kill(counter)
+    write_pair_rows(config, dataset, counter, len(items), output, run_id)
 
 
-class PairError(Exception):
-    def __init__(self, cause: str, message: str):
-        super().__init__(message)
-        self.cause = cause
-
-
-class PairMatcher:
+class PairMatcher(PairRows):
     """A Ray Data actor: matches batches of pairs from their cached feature maps into output rows."""
 
     def __init__(self, config, cache: FeatureCache, counter, run_id: str):
+        super().__init__(config, cache.hash, counter, run_id)
         self.device = "cuda" if config.use_gpu else "cpu"
-        self.config, self.cache, self.counter, self.run_id = config, cache, counter, run_id
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        started = time.time()
-        rows = [self._row({name: values[i] for name, values in batch.items()}) for i in range(len(batch["pair_id"]))]
-        failed = sum(row["status"] == "error" for row in rows)
-        self.counter.add.remote(len(rows), failed, started, time.time())
-        return pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA)
-
-    def _row(self, item: dict) -> dict:
-        source_h, source_w, target_h, target_w = json.loads(item["sizes_json"])
-        row = {
-            "pair_id": item["pair_id"],
-            "source_uri": item["source_uri"],
-            "target_uri": item["target_uri"],
-            "category": item["category"],
-            "split": item["split"],
-            "method": self.config.method,
-            "target_points_xy": json.loads(item["target_points_json"]),
-            "target_box_xyxy": json.loads(item["box_json"]),
-            "source_width": source_w,
-            "source_height": source_h,
-            "target_width": target_w,
-            "target_height": target_h,
-            "settings_hash": self.cache.hash,
-            "model": self.config.model,
-            "status": "ok",
-            "matched_at": datetime.now(timezone.utc),
-            "run_id": self.run_id,
-        }
-        try:
-            row.update(self._match(item))
-        except PairError as error:
-            row.update(status="error", error_cause=error.cause, error=str(error))
-        except Exception as error:  # one pair's surprise must not stop the run
-            row.update(status="error", error_cause="match_failed", error=f"{type(error).__name__}: {error}")
-        return row
+        self.cache = cache
 
     def _match(self, item: dict) -> dict:
         for side in ("source", "target"):
-            if item[f"{side}_cause"]:
-                raise PairError(item[f"{side}_cause"], f"{side} image: {item[f'{side}_error']}")
+            check_failed(side, item[f"{side}_cause"], item[f"{side}_error"])
         source, target = self.cache.load(item["source_key"]), self.cache.load(item["target_key"])
         sizes = json.loads(item["sizes_json"])
         for side, cached, expected in (("source", source, sizes[:2]), ("target", target, sizes[2:])):
-            if None not in expected and tuple(expected) != (cached.height, cached.width):
-                raise PairError(
-                    "size_mismatch",
-                    f"{side} image {cached.uri} is {cached.width} x {cached.height} pixels but the pairs manifest says "
-                    f"{expected[1]} x {expected[0]}: its points would not mean what the manifest means",
-                )
+            check_size(side, cached.uri, (cached.height, cached.width), expected)
         points = query_pixels(json.loads(item["source_points_json"]), source.height, source.width)
         predicted, scores = match_points(
             source.features.to(self.device),
@@ -290,20 +257,3 @@ class PairMatcher:
             "target_width": target.width,
             "target_height": target.height,
         }
-
-
-def query_pixels(points_xy: list[list[float]], height: int, width: int) -> np.ndarray:
-    """The source points as integer pixels [N, 2]: rounded to the nearest pixel (halves up), clamped into
-    the image; a point outside the image is an error."""
-    points = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
-    outside = (points[:, 0] < 0) | (points[:, 0] >= width) | (points[:, 1] < 0) | (points[:, 1] >= height)
-    if outside.any():
-        first = points[np.flatnonzero(outside)[0]]
-        raise PairError(
-            "points_outside",
-            f"source point ({first[0]:g}, {first[1]:g}) lies outside the {width} x {height} source image",
-        )
-    pixels = np.floor(points + 0.5).astype(np.int64)
-    pixels[:, 0] = pixels[:, 0].clip(0, width - 1)
-    pixels[:, 1] = pixels[:, 1].clip(0, height - 1)
-    return pixels

@@ -1,12 +1,14 @@
-"""Per-image feature maps kept between pairs and between runs, as safetensors files on any fsspec store.
+"""Tensors kept between pairs and between runs, as safetensors files on any fsspec store: per-image
+feature maps (``FeatureCache``, DIFT) here, and, on the same base, per-point contexts
+(``skp_ray.correspondence.context_store``, LDM correspondence).
 
-Layout: ``<root>/<settings hash>/<image key>.safetensors``, where the settings
-hash covers everything that changes a feature (method, model, revision, UNet
-weights, timestep, block, ensemble, image size, seed, noise, precision) and
-the image key covers the image's URI and its prompt. Each file holds one
-tensor ``features`` [C, h, w] and, as metadata, the URI, the prompt, the
-original image size and the decoded image's content hash. ``settings.json``
-beside the files records the settings in full, for a person.
+Layout: ``<root>/<settings hash>/<key>.safetensors``, where the settings hash
+covers everything that changes what is stored. For features: method, model,
+revision, UNet weights, timestep, block, ensemble, image size, seed, noise,
+precision; the image key covers the image's URI and its prompt. Each feature
+file holds one tensor ``features`` [C, h, w] and, as metadata, the URI, the
+prompt, the original image size and the decoded image's content hash.
+``settings.json`` beside the files records the settings in full, for a person.
 
 Files are written whole (to a temporary name, then moved, on a local disk;
 object stores publish an object only once it is complete), so a killed run
@@ -30,6 +32,7 @@ from skp_ray.images import is_local_filesystem
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SETTINGS_FILE = "settings.json"
+SUFFIX = ".safetensors"
 
 
 def settings_hash(settings: dict) -> str:
@@ -42,6 +45,70 @@ def image_key(uri: str, prompt: str) -> str:
     return hashlib.sha256(f"{uri}\0{prompt}".encode()).hexdigest()[:32]
 
 
+class TensorStore:
+    """The folder of one settings hash under ``root`` (a local folder or an fsspec URI): one safetensors
+    file of named tensors and text metadata per key. Subclasses say what a file holds."""
+
+    noun = "stored tensors"  # for messages: "no <noun> at <path>"
+    key_name = "key"
+
+    def __init__(self, root: str, settings: dict):
+        self.settings = dict(settings)
+        self.hash = settings_hash(self.settings)
+        self.fs, base = fsspec.core.url_to_fs(root)
+        self.folder = posixpath.join(base, self.hash)
+        self.location = f"{root.rstrip('/')}/{self.hash}"
+
+    def path(self, key: str) -> str:
+        return posixpath.join(self.folder, f"{key}{SUFFIX}")
+
+    def prepare(self) -> None:
+        """Make the folder and write ``settings.json`` (on the driver, before any worker writes)."""
+        self.fs.makedirs(self.folder, exist_ok=True)
+        self.fs.pipe_file(posixpath.join(self.folder, SETTINGS_FILE), json.dumps(self.settings, indent=2).encode())
+
+    def cached_keys(self) -> set[str]:
+        """The stored keys (one listing of the folder)."""
+        if not self.fs.exists(self.folder):
+            return set()
+        self.fs.invalidate_cache(self.folder)
+        names = (posixpath.basename(path) for path in self.fs.ls(self.folder, detail=False))
+        return {name[: -len(SUFFIX)] for name in names if name.endswith(SUFFIX)}
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self.path(key))
+
+    def metadata(self, key: str) -> dict[str, str]:
+        """A file's metadata, read from its header alone."""
+        try:
+            with self.fs.open(self.path(key), "rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                return json.loads(file.read(length)).get("__metadata__", {})
+        except FileNotFoundError:
+            raise self._not_found(key) from None
+
+    def _write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        data = save_safetensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, metadata=metadata)
+        target = self.path(key)
+        if is_local_filesystem(self.fs):
+            staging = posixpath.join(self.folder, f".{key}-{uuid.uuid4().hex[:8]}.tmp")
+            self.fs.pipe_file(staging, data)
+            self.fs.mv(staging, target)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def _read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The file's tensors and metadata; FileNotFoundError naming the file when it is not there."""
+        try:
+            data = self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            raise self._not_found(key) from None
+        return load_safetensors(data), _safetensors_metadata(data)
+
+    def _not_found(self, key: str) -> FileNotFoundError:
+        return FileNotFoundError(f"no {self.noun} at {self.path(key)} ({self.key_name} {key})")
+
+
 @dataclass(frozen=True)
 class CachedFeatures:
     features: torch.Tensor  # [C, h, w] as stored (float32 or float16)
@@ -52,57 +119,27 @@ class CachedFeatures:
     content_hash: str
 
 
-class FeatureCache:
-    """The cache folder of one settings hash under ``root`` (a local folder or an fsspec URI)."""
+class FeatureCache(TensorStore):
+    """The feature maps of one settings hash, one file per (image, prompt)."""
+
+    noun = "cached features"
+    key_name = "image key"
 
     def __init__(self, root: str, settings: dict, *, storage_dtype: str = "float32"):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"feature storage dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
-        self.settings = dict(settings, storage_dtype=storage_dtype)
-        self.hash = settings_hash(self.settings)
+        super().__init__(root, dict(settings, storage_dtype=storage_dtype))
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
-        self.fs, base = fsspec.core.url_to_fs(root)
-        self.folder = posixpath.join(base, self.hash)
-        self.location = f"{root.rstrip('/')}/{self.hash}"
-
-    def path(self, key: str) -> str:
-        return posixpath.join(self.folder, f"{key}.safetensors")
-
-    def prepare(self) -> None:
-        """Make the folder and write ``settings.json`` (on the driver, before any worker writes)."""
-        self.fs.makedirs(self.folder, exist_ok=True)
-        self.fs.pipe_file(posixpath.join(self.folder, SETTINGS_FILE), json.dumps(self.settings, indent=2).encode())
-
-    def cached_keys(self) -> set[str]:
-        """Keys of the images whose features are stored (one listing of the folder)."""
-        if not self.fs.exists(self.folder):
-            return set()
-        self.fs.invalidate_cache(self.folder)
-        names = (posixpath.basename(path) for path in self.fs.ls(self.folder, detail=False))
-        return {name[: -len(".safetensors")] for name in names if name.endswith(".safetensors")}
 
     def save(self, key: str, features: torch.Tensor, *, uri: str, prompt: str, height: int, width: int, content_hash: str):
         metadata = {"uri": uri, "prompt": prompt, "height": str(height), "width": str(width), "content_hash": content_hash}
-        tensor = features.detach().to(device="cpu", dtype=self.storage_dtype).contiguous()
-        data = save_safetensors({"features": tensor}, metadata=metadata)
-        target = self.path(key)
-        if is_local_filesystem(self.fs):
-            staging = posixpath.join(self.folder, f".{key}-{uuid.uuid4().hex[:8]}.tmp")
-            self.fs.pipe_file(staging, data)
-            self.fs.mv(staging, target)
-        else:
-            self.fs.pipe_file(target, data)
+        self._write(key, {"features": features.to(dtype=self.storage_dtype)}, metadata)
 
     def load(self, key: str) -> CachedFeatures:
         """The stored features; FileNotFoundError naming the file when they are not there."""
-        path = self.path(key)
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no cached features at {path} (image key {key})") from None
-        metadata = _safetensors_metadata(data)
+        tensors, metadata = self._read(key)
         return CachedFeatures(
-            features=load_safetensors(data)["features"],
+            features=tensors["features"],
             uri=metadata["uri"],
             prompt=metadata["prompt"],
             height=int(metadata["height"]),

@@ -44,6 +44,12 @@ MATCHES_SCHEMA = with_format_metadata(
     b"skp_ray.matches",
 )
 
+# The job's files beside its rows (skp_ray.correspondence.report writes them).
+METRICS_FILE = "metrics.json"
+PICTURE_FILE = "pairs.png"
+REPORT_FILE = "report.html"
+LOSS_PICTURE_FILE = "contexts_loss.png"  # ldm: the loss curve of the contexts a run optimised
+
 MATCHES = RowFormat(
     prefix="matches",
     schema=MATCHES_SCHEMA,
@@ -53,6 +59,7 @@ MATCHES = RowFormat(
     job="jobs/correspond.py",
     noun="match files",
     tag="correspond",
+    own_files=(METRICS_FILE, PICTURE_FILE, REPORT_FILE, LOSS_PICTURE_FILE),
 )
 
 

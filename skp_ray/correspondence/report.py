@@ -20,16 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from skp_ray.correspondence.match_store import read_matches
+from skp_ray.correspondence.match_store import LOSS_PICTURE_FILE, METRICS_FILE, PICTURE_FILE, REPORT_FILE, read_matches
 from skp_ray.correspondence.pairs import pairs_dataset
 from skp_ray.correspondence.pck import correspondence_pck, image_size_box, summarise_pck
 from skp_ray.images import read_image
-from skp_ray.plotting import captioned, correspondence_pair, image_grid
+from skp_ray.plotting import captioned, correspondence_pair, image_grid, line_plot
 from skp_ray.row_store import write_bytes, write_json
 
-METRICS_FILE = "metrics.json"
-PICTURE_FILE = "pairs.png"
-REPORT_FILE = "report.html"
 ALPHAS = (0.05, 0.1)
 PCK_REFERENCES = {
     "box": "max(h, w) of the target's object box (target_box_xyxy)",
@@ -44,8 +41,10 @@ PUBLISHED = {
 }
 
 
-def write_report(output: str, pairs: pa.Table, config, settings_hash: str) -> dict:
-    """Write metrics.json, pairs.png and report.html for the manifest's pairs into ``output``; returns the metrics."""
+def write_report(output: str, pairs: pa.Table, config, settings_hash: str, loss_curve: list[float] | None = None) -> dict:
+    """Write metrics.json, pairs.png and report.html for the manifest's pairs into ``output``; returns the
+    metrics. With ``loss_curve`` (ldm: the mean loss per step of the contexts this run optimised) also
+    contexts_loss.png, shown in the report."""
     rows = _rows_of(output, pairs)
     metrics = pck_metrics(rows, reference=config.pck_reference)
     dataset = pairs_dataset(pairs)
@@ -62,7 +61,12 @@ def write_report(output: str, pairs: pa.Table, config, settings_hash: str) -> di
     picture = pairs_picture(shown, config.pck_reference) if shown else None
     if picture is not None:
         write_bytes(output, PICTURE_FILE, _png(picture))
-    write_bytes(output, REPORT_FILE, _html(metrics, picture).encode())
+    loss_picture = None
+    if loss_curve:
+        title = f"context loss, mean of the {config.restarts} restarts of every point optimised"
+        loss_picture = line_plot(loss_curve, title=title, ylabel="MSE to the Gaussian", width=560)
+        write_bytes(output, LOSS_PICTURE_FILE, _png(loss_picture))
+    write_bytes(output, REPORT_FILE, _html(metrics, picture, loss_picture).encode())
     return metrics
 
 
@@ -137,7 +141,15 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _html(metrics: dict, picture) -> str:
+def _figure(file: str, picture, alt: str, caption: str) -> str:
+    data = base64.b64encode(_png(picture)).decode()
+    return (
+        f'<figure><a href="{file}"><img src="data:image/png;base64,{data}" alt="{alt}"></a>'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _html(metrics: dict, picture, loss_picture=None) -> str:
     alphas = metrics["alphas"]
     header = "".join(f"<th>PCK@{a:g} per image</th><th>PCK@{a:g} per point</th>" for a in alphas)
 
@@ -153,12 +165,11 @@ def _html(metrics: dict, picture) -> str:
     )
     figure = ""
     if picture is not None:
-        data = base64.b64encode(_png(picture)).decode()
-        figure = (
-            f'<figure><a href="{PICTURE_FILE}"><img src="data:image/png;base64,{data}" alt="matched pairs"></a>'
-            "<figcaption>Source points (left) and predicted target points (right) joined by lines; "
-            "rings: the true target points.</figcaption></figure>"
-        )
+        caption = "Source points (left) and predicted target points (right) joined by lines; rings: the true target points."
+        figure = _figure(PICTURE_FILE, picture, "matched pairs", caption)
+    if loss_picture is not None:
+        caption = "The optimisation's loss at each step, averaged over the contexts this run optimised (each step sees its own random crop)."
+        figure += _figure(LOSS_PICTURE_FILE, loss_picture, "context loss curve", caption)
     published = html.escape(json.dumps(metrics["published_percent"])) if metrics["published_percent"] else "-"
     title = f"{metrics['method']} on {metrics['dataset'] or 'user pairs'}"
     return (
