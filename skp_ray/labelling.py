@@ -54,7 +54,7 @@ from skp_ray.images import (
     source_item,
 )
 from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, labelled_ids, read_labels
-from skp_ray.row_store import RowFileNames, parquet_location, write_summary
+from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
 from skp_ray.lease import OutputLease
 from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.randomness import keyed_generator
@@ -64,9 +64,6 @@ __all__ = ["LabelConfig", "LabelSummary", "LabellingFailed", "run_labelling", "r
 
 # SPEC 1.1's image side, for artifacts that do not record theirs.
 DEFAULT_IMAGE_SIZE = 512
-# How many failing images the summary names on the console (the JSON summary keeps up to SUMMARY_FAILURES).
-SHOWN_FAILURES = 10
-SUMMARY_FAILURES = 1000
 
 
 @dataclass
@@ -114,14 +111,7 @@ class LabelSummary:
 
     def failure(self, max_error_fraction: float) -> str | None:
         """Why the run counts as failed, or None."""
-        if self.labelled and self.error_count == self.labelled:
-            return f"every one of the {self.labelled} images labelled failed"
-        if self.labelled and self.error_count / self.labelled > max_error_fraction:
-            return (
-                f"{self.error_count} of {self.labelled} images failed, more than --max_error_fraction "
-                f"{max_error_fraction:g}"
-            )
-        return None
+        return run_failure(self.labelled, self.error_count, max_error_fraction, "images", "labelled")
 
     def describe(self) -> str:
         causes = ", ".join(f"{cause} {count}" for cause, count in sorted(self.errors.items()))
@@ -131,10 +121,8 @@ class LabelSummary:
             f"{self.images_per_second:.2f} images/s over {self.labelling_seconds:.1f} s of labelling "
             f"({self.seconds:.1f} s in all)"
         ]
-        for failed in self.failures[:SHOWN_FAILURES]:
-            lines.append(f"[label]   failed: {failed['uri']} ({failed['cause']}): {failed['error']}")
-        if self.error_count > SHOWN_FAILURES:
-            lines.append(f"[label]   ... and {self.error_count - SHOWN_FAILURES} more (see the summary file)")
+        failed = [f"{failed['uri']} ({failed['cause']}): {failed['error']}" for failed in self.failures]
+        lines += failure_lines("label", failed, self.error_count)
         lines.append(f"[label] output: {self.output}")
         return "\n".join(lines)
 

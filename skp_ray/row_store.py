@@ -154,6 +154,29 @@ class RowFileNames(FilenameProvider):
         return self.row_format.file_name(self.run_id, write_uuid, task_index)
 
 
+# How many failing items a run's console summary names (its JSON summary keeps up to SUMMARY_FAILURES).
+SHOWN_FAILURES = 10
+SUMMARY_FAILURES = 1000
+
+
+def run_failure(done: int, errors: int, max_error_fraction: float, noun: str, verb: str) -> str | None:
+    """Why a run that wrote ``done`` rows, ``errors`` of them error rows, counts as failed (every one, or
+    more than ``max_error_fraction``), or None. ``noun``, ``verb``: "images", "labelled"."""
+    if done and errors == done:
+        return f"every one of the {done} {noun} {verb} failed"
+    if done and errors / done > max_error_fraction:
+        return f"{errors} of {done} {noun} failed, more than --max_error_fraction {max_error_fraction:g}"
+    return None
+
+
+def failure_lines(tag: str, failures: list[str], error_count: int) -> list[str]:
+    """Console lines naming the first failures (each already described), and how many more there are."""
+    lines = [f"[{tag}]   failed: {failure}" for failure in failures[:SHOWN_FAILURES]]
+    if error_count > SHOWN_FAILURES:
+        lines.append(f"[{tag}]   ... and {error_count - SHOWN_FAILURES} more (see the summary file)")
+    return lines
+
+
 def write_summary(output: str, run_id: str, record: dict) -> str:
     """``<output>/_summary/<run_id>.json``; returns its URI."""
     return write_json(output, f"{SUMMARY_FOLDER}/{run_id}.json", record)

@@ -17,7 +17,7 @@ from pair_fixtures import make_spair
 from skp_ray.correspondence.dift_stage import PairError, prompt_for, query_pixels
 from skp_ray.correspondence.feature_cache import FeatureCache, image_key
 from skp_ray.correspondence.features import dift_features, draw_dift_noise, encode_prompt
-from skp_ray.correspondence.job import CorrespondConfig, run_correspondence
+from skp_ray.correspondence.job import CorrespondConfig, CorrespondSummary, run_correspondence
 from skp_ray.correspondence.match_store import read_matches
 from skp_ray.correspondence.matching import match_points
 from skp_ray.correspondence.pairs import PairsError, build_pairs, write_pairs
@@ -287,3 +287,20 @@ def test_rows_and_features_can_live_on_object_storage(ray_session, s3_endpoint, 
     assert read_matches("s3://matches/run")["status"].to_pylist() == ["ok"]
     again = run_correspondence(config(tiny21_path, tmp_path / "pairs.parquet", "s3://matches/run", retry_errors=True))
     assert again.matched == 0
+
+
+def test_the_summary_fails_a_run_past_the_error_fraction_and_names_the_first_failures():
+    def summary(matched: int, errors: int) -> CorrespondSummary:
+        failures = [{"pair_id": f"p{i}", "cause": "not_found", "error": "gone"} for i in range(errors)]
+        work = {"images_extracted": 3, "images_cached": 1}
+        return CorrespondSummary("out", "run", matched, 0, matched, {"not_found": errors} if errors else {}, failures, work, 1.0)
+
+    assert summary(4, 2).failure(0.5) is None  # exactly the fraction is allowed
+    assert summary(4, 3).failure(0.5) == "3 of 4 pairs failed, more than --max_error_fraction 0.5"
+    assert summary(2, 2).failure(1.0) == "every one of the 2 pairs matched failed"
+    assert summary(0, 0).failure(0.0) is None
+    lines = summary(12, 12).describe().splitlines()
+    assert lines[0].startswith("[correspond] done: 12 pairs matched (0 ok, 12 errors: not_found 12)")
+    assert "3 images extracted, 1 from the feature cache" in lines[0]
+    assert lines[1] == "[correspond]   failed: pair p0 (not_found): gone"
+    assert lines[11] == "[correspond]   ... and 2 more (see the summary file)"  # ten named, then the rest counted

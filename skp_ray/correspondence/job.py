@@ -61,15 +61,13 @@ from skp_ray.diffusion import DIFT_MODEL, DTYPES, NUM_INFERENCE_STEPS, check_mod
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, absolute_uri
 from skp_ray.lease import OutputLease
 from skp_ray.ray_cluster import connect, parse_actors, use_gpus, wait_for_gpus
-from skp_ray.row_store import done_ids, row_files, write_summary
+from skp_ray.row_store import SUMMARY_FAILURES, done_ids, failure_lines, row_files, run_failure, write_summary
 
 __all__ = ["CorrespondConfig", "CorrespondSummary", "CorrespondenceFailed", "run_correspondence"]
 
 METHODS = ("dift", "ldm")
 DEFAULT_MODELS = {"dift": DIFT_MODEL, "ldm": LDM_MODEL}
 DEFAULT_IMAGE_SIZES = {"dift": 768, "ldm": None}  # None: the model's own (512 for SD 1.4)
-SHOWN_FAILURES = 10
-SUMMARY_FAILURES = 1000
 
 
 @dataclass
@@ -163,11 +161,8 @@ class CorrespondSummary:
         return self.work.get("points_reused", 0)
 
     def failure(self, max_error_fraction: float) -> str | None:
-        if self.matched and self.error_count == self.matched:
-            return f"every one of the {self.matched} pairs matched failed"
-        if self.matched and self.error_count / self.matched > max_error_fraction:
-            return f"{self.error_count} of {self.matched} pairs failed, more than --max_error_fraction {max_error_fraction:g}"
-        return None
+        """Why the run counts as failed, or None."""
+        return run_failure(self.matched, self.error_count, max_error_fraction, "pairs", "matched")
 
     def describe(self) -> str:
         causes = ", ".join(f"{cause} {count}" for cause, count in sorted(self.errors.items()))
@@ -180,10 +175,8 @@ class CorrespondSummary:
             f"errors{': ' + causes if causes else ''}), {self.already_matched} already matched; {work} "
             f"({self.seconds:.1f} s in all)"
         ]
-        for failed in self.failures[:SHOWN_FAILURES]:
-            lines.append(f"[correspond]   failed: pair {failed['pair_id']} ({failed['cause']}): {failed['error']}")
-        if self.error_count > SHOWN_FAILURES:
-            lines.append(f"[correspond]   ... and {self.error_count - SHOWN_FAILURES} more (see the summary file)")
+        failed = [f"pair {failed['pair_id']} ({failed['cause']}): {failed['error']}" for failed in self.failures]
+        lines += failure_lines("correspond", failed, self.error_count)
         if self.metrics:
             for alpha in self.metrics["alphas"]:
                 score = self.metrics["overall"][f"pck@{alpha:g}"]
