@@ -2,12 +2,15 @@
 
     python jobs/show.py --labels ./labels --sample 16 --output labels.png
     python jobs/show.py --labels s3://bucket/labels/faces-v1/ --uri s3://bucket/images/a.jpg --output pictures/
+    python jobs/show.py --labels ./labels --least_confident 8 --output doubtful.png
 
 Each image is drawn at its own aspect (longest side --size) with its numbered
 keypoints, keypoint i always in colour i, and captioned with its file name and
-status; an error row shows its image if it can be read, else a grey panel
-naming the cause. Output ending in .png: one grid of all pictures; anything
-else: a folder with one <name>-<image id>.png per image.
+status; a row with keypoint confidence also gets a circle of each keypoint's
+spread (in its colour) and the image's median spread in its caption. An error
+row shows its image if it can be read, else a grey panel naming the cause.
+Output ending in .png: one grid of all pictures; anything else: a folder with
+one <name>-<image id>.png per image.
 """
 
 import argparse
@@ -28,6 +31,12 @@ def main(argv=None) -> None:
         help="draw these images, named as in the uri column (local paths may be relative); default: every row",
     )
     which.add_argument("--sample", type=int, metavar="N", help="draw N rows picked at random (see --seed)")
+    which.add_argument(
+        "--least_confident",
+        type=int,
+        metavar="N",
+        help="draw the N ok images whose keypoints are least sure (highest median keypoint spread), worst first",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --sample pick (default: 0)")
     parser.add_argument(
         "--size", type=int, default=DISPLAY_SIZE, help=f"longest side of a drawn image (default: {DISPLAY_SIZE} pixels)"
@@ -35,7 +44,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         written = show_labels(
-            args.labels, args.output, uris=args.uri, sample=args.sample, seed=args.seed, display_size=args.size
+            args.labels,
+            args.output,
+            uris=args.uri,
+            sample=args.sample,
+            seed=args.seed,
+            least_confident=args.least_confident,
+            display_size=args.size,
         )
     except ValueError as error:
         parser.error(str(error))

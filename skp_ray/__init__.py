@@ -3,7 +3,7 @@ correspondence (DIFT, prompt-optimised contexts), at scale."""
 
 from skp_ray.attention import attention_maps, captured_layer_names
 from skp_ray.correspondence import correspondence_pck, dift_features, locate_point, match_points, optimize_point_contexts
-from skp_ray.detection import count_token_picks, detect_keypoints, select_keypoint_tokens
+from skp_ray.detection import count_token_picks, detect_keypoints, detect_with_confidence, select_keypoint_tokens
 from skp_ray.diffusion import Diffusion, ModelNotFoundError, load_diffusion, make_tiny_diffusion
 from skp_ray.geometry import random_affine, unwarp, warp
 from skp_ray.losses import equivariance_loss, sharpening_loss
@@ -18,6 +18,7 @@ __all__ = [
     "correspondence_pck",
     "count_token_picks",
     "detect_keypoints",
+    "detect_with_confidence",
     "dift_features",
     "equivariance_loss",
     "furthest_point_sampling",

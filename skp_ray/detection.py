@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +92,80 @@ def detect_keypoints(
     image side, inverse-warped and averaged over the copies that see each
     pixel. ``thetas`` [B, A, 2, 3] replaces the random transforms and
     ``noise`` [B, A, C, h, w] (each copy's latent noise) the random noise, so
-    that a run can be replayed exactly.
+    that a run can be replayed exactly. :func:`detect_with_confidence` also
+    says how sure each keypoint is.
     """
+    detection = detect_with_confidence(
+        diffusion,
+        images,
+        context,
+        indices,
+        augmentation_iterations=augmentation_iterations,
+        thetas=thetas,
+        noise=noise,
+        generator=generator,
+        weighted_avg=weighted_avg,
+        degrees=degrees,
+        scale=scale,
+        translate=translate,
+        image_size=image_size,
+        **map_options,
+    )
+    return detection.keypoints, detection.peaks
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Keypoints of a batch of images and how well their augmentations agree on them (all on the CPU).
+
+    ``keypoints`` [B, K, 2] and ``peaks`` [B, K] are :func:`detect_keypoints`'s.
+    ``augmentation_keypoints`` [B, K, A, 2] is each augmentation's own keypoint:
+    the argmax pixel centre of its unwarped map (over its coverage, as in the
+    average) among the pixels it covers, as normalised (y, x) of the image
+    frame (NaN for a copy that covers no pixel); the hard argmax even with
+    ``weighted_avg``.
+    ``peak_share`` [B, K] is the peak over the averaged map's sum: 1 when all
+    of the map's mass sits on one pixel, 1 / S^2 for a flat S x S map.
+    """
+
+    keypoints: torch.Tensor
+    peaks: torch.Tensor
+    augmentation_keypoints: torch.Tensor
+    peak_share: torch.Tensor
+
+    def spread_px(self, frame_heights: torch.Tensor, frame_widths: torch.Tensor) -> torch.Tensor:
+        """The keypoints' spread [B, K] (float32) in pixels of frames of these heights and widths [B].
+
+        A keypoint's spread is the root mean square distance of its
+        augmentations' keypoints from it, each offset scaled to the frame's
+        pixels (dy by the height, dx by the width) before the distance:
+        the model's square input squashes the frame, the spread is measured
+        in the frame as it is. Copies that cover no pixel are left out.
+        """
+        scale = torch.stack([torch.as_tensor(frame_heights), torch.as_tensor(frame_widths)], dim=-1).double()
+        offsets = (self.augmentation_keypoints.double() - self.keypoints.double()[:, :, None]) * scale[:, None, None]
+        return offsets.square().sum(dim=-1).nanmean(dim=-1).sqrt().float()
+
+
+def detect_with_confidence(
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    context: torch.Tensor,
+    indices: Sequence[int] | torch.Tensor,
+    *,
+    augmentation_iterations: int = 10,
+    thetas: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    weighted_avg: bool = False,
+    degrees: float = 15.0,
+    scale: tuple[float, float] = (0.8, 1.0),
+    translate: tuple[float, float] = (0.25, 0.25),
+    image_size: int | None = None,
+    **map_options,
+) -> Detection:
+    """:func:`detect_keypoints` (the same options and draws) with each keypoint's confidence, from the
+    same maps: no more UNet calls. Returns a :class:`Detection`."""
     size = image_size or diffusion.image_size
     indices = torch.as_tensor(indices, dtype=torch.long)
     images = resize_batch(images, size)
@@ -112,16 +185,19 @@ def detect_keypoints(
         _check_noise(noise, diffusion, thetas.shape[:2], size)
     noises = noise if noise is not None else [None] * len(images)
 
-    keypoints, peaks = [], []
+    keypoints, peaks, own, shares = [], [], [], []
     with torch.no_grad():
         for image, image_thetas, image_noise in zip(images, thetas, noises):
-            averaged = _augmented_maps(
+            unwarped, covered = _unwarped_maps(
                 diffusion, image, context, indices, image_thetas, image_noise, size, generator, map_options
             )
-            image_keypoints, image_peaks = _locate(averaged.cpu(), weighted_avg)
+            averaged = _average(unwarped, covered).cpu()
+            image_keypoints, image_peaks = _locate(averaged, weighted_avg)
             keypoints.append(image_keypoints)
             peaks.append(image_peaks)
-    return torch.stack(keypoints), torch.stack(peaks)
+            own.append(_own_keypoints(unwarped, covered).cpu())
+            shares.append(_peak_share(averaged, image_peaks))
+    return Detection(torch.stack(keypoints), torch.stack(peaks), torch.stack(own), torch.stack(shares))
 
 
 def draw_augmentations(
@@ -166,8 +242,9 @@ def _check_noise(noise: torch.Tensor, diffusion: Diffusion, images_and_copies: t
         )
 
 
-def _augmented_maps(diffusion, image, context, indices, thetas, noise, size, generator, map_options) -> torch.Tensor:
-    """The chosen tokens' maps [K, size, size], averaged over augmentations in the image frame."""
+def _unwarped_maps(diffusion, image, context, indices, thetas, noise, size, generator, map_options):
+    """Each copy's maps of the chosen tokens in the image frame [A, K, size, size], and the share of each
+    pixel that the copy sees [A, 1, size, size] (bilinear weights: 0 outside the copy, 1 well inside)."""
     thetas = thetas.to(device=image.device, dtype=image.dtype)
     copies = warp(image.expand(len(thetas), -1, -1, -1), thetas).clamp(0, 1)
     maps = attention_maps(
@@ -182,9 +259,32 @@ def _augmented_maps(diffusion, image, context, indices, thetas, noise, size, gen
     )
     maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
     thetas = thetas.to(maps)
-    total = unwarp(maps, thetas).sum(dim=0)
-    coverage = unwarp(torch.ones_like(maps[:, :1]), thetas).sum(dim=0)
+    return unwarp(maps, thetas), unwarp(torch.ones_like(maps[:, :1]), thetas)
+
+
+def _average(unwarped: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """The chosen tokens' maps [K, size, size], averaged over the copies that see each pixel."""
+    total, coverage = unwarped.sum(dim=0), covered.sum(dim=0)
     return torch.where(coverage > 0, total / coverage.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def _own_keypoints(unwarped: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Each copy's argmax over the pixels it covers, normalised (y, x) [K, A, 2]; NaN if it covers none.
+
+    A copy's map is weighted by its coverage as the average is, so that a single copy's keypoint is the
+    averaged map's."""
+    size = unwarped.shape[-1]
+    seen = covered > 0
+    own = torch.where(seen, unwarped / covered.clamp_min(1e-12), torch.full_like(unwarped, float("-inf")))
+    centres = argmax_centres(own) / size  # [A, K, 2]
+    centres[~seen.flatten(1).any(dim=1)] = float("nan")
+    return centres.transpose(0, 1)
+
+
+def _peak_share(averaged: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
+    """Each keypoint's peak over its averaged map's sum [K]; 0 for an all-zero map."""
+    total = averaged.sum(dim=(1, 2))
+    return torch.where(total > 0, peaks / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
 def _locate(maps: torch.Tensor, weighted_avg: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Keypoint discovery on Ray Train: the context optimised data-parallel, then the keypoint tokens voted.
 
 One ``TorchTrainer`` worker per GPU (or CPU slot). Each worker loads the
-frozen model once and reads its own shard of the images (image ``i`` goes to
-worker ``i % num_workers``). Every optimiser step, each worker takes
+frozen model once and opens its own shard of the images (image ``i`` goes to
+worker ``i % num_workers``; ``skp_ray.discovery_data`` reads it per step, with
+a bounded uint8 cache and prefetch). Every optimiser step, each worker takes
 ``batch_size / num_workers`` images of its shard, computes the SPEC 1.3 loss,
 and the context gradient is averaged over workers (one all-reduce) before an
 Adam step that every worker applies identically, so the contexts never
@@ -48,6 +49,7 @@ from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
 from skp_ray.attention import attention_maps
 from skp_ray.detection import count_token_picks, detect_keypoints
 from skp_ray.config import checked, option
+from skp_ray.discovery_data import ShardReader
 from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, check_model, load_diffusion, model_location
 from skp_ray.geometry import random_affine
 from skp_ray.heatmaps import PEAK_DISCS
@@ -118,6 +120,9 @@ class DiscoveryConfig:
     num_workers: int = option(1, "Ray Train workers")
     use_gpu: bool | None = option(None, "one GPU per worker; default: GPUs if the cluster has them")
     cpus_per_worker: float = option(1.0, "CPUs per worker")
+    cache_images: int = option(
+        256, "decoded images (uint8, before resizing) each worker keeps in memory; the rest are read per step; 0: none"
+    )
     dtype: str = option("float32", "model weights: float32, float16 or bfloat16 (the context stays float32)")
     seed: int = option(0, "every random draw derives from it")
     image_size: int | None = option(None, "side the images are resized to; default: the model's (512 for SD 1.5)")
@@ -218,6 +223,8 @@ def _check_config(config: DiscoveryConfig) -> None:
         problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
     if config.peak_disc not in PEAK_DISCS:
         problems.append(f"--peak_disc {config.peak_disc!r} is not one of {list(PEAK_DISCS)}")
+    if config.cache_images < 0:
+        problems.append(f"--cache_images must be 0 (no cache) or more (got {config.cache_images})")
     for key in ("num_steps", "num_tokens", "batch_size", "top_k", "num_indices", "checkpoint_every", "log_every"):
         if getattr(config, key) < 1:
             problems.append(f"--{key} must be at least 1 (got {getattr(config, key)})")
@@ -303,23 +310,41 @@ def _train_worker(loop_config: dict) -> None:
         text_encoder=False,
     )
     image_size = config.image_size or diffusion.image_size
-    shard = _read_shard(loop_config["sources"], rank, world, image_size, config.alpha)
+    shard = ShardReader(loop_config["sources"], rank, world, image_size, config.alpha, config.cache_images)
+    try:
+        _train_on_shard(config, loop_config, diffusion, shard, rank, world, image_size)
+    finally:
+        shard.close()
+
+
+def _train_on_shard(
+    config: DiscoveryConfig, loop_config: dict, diffusion: Diffusion, shard: ShardReader, rank: int, world: int,
+    image_size: int,
+) -> None:
+    """The optimisation, token selection and final report of one worker, reading its images from ``shard``."""
     state = _restore(config, diffusion) or _fresh_state(config, diffusion)
     if rank == 0 and state.step:
         logger.info("[discover] resuming from the checkpoint at step %d", state.step)
 
     share = config.batch_size // world
-    if len(shard.images) < share:
+    if len(shard) < share:
         raise ValueError(
-            f"worker {rank} has {len(shard.images)} readable images, fewer than its share of a batch ({share}); "
+            f"worker {rank} has {len(shard)} readable images, fewer than its share of a batch ({share}); "
             f"skipped: {dict(shard.skipped)}"
         )
     order_generator = keyed_generator(config.seed, "order", rank)
-    order = image_order(len(shard.images), share, config.num_steps, order_generator)
+    order = image_order(len(shard), share, config.num_steps, order_generator).tolist()
+
+    def picks(step: int) -> list[int]:
+        return order[step * share : (step + 1) * share]
+
     while state.step < config.num_steps:
         started = time.perf_counter()
-        picked = order[state.step * share : (state.step + 1) * share]
-        record = _optimizer_step(config, diffusion, shard, picked.tolist(), state, image_size)
+        pixels = shard.batch(picks(state.step))
+        if state.step + 1 < config.num_steps:
+            shard.prefetch(picks(state.step + 1))  # read while this step computes
+        indices = [shard.indices[i] for i in picks(state.step)]
+        record = _optimizer_step(config, diffusion, pixels, indices, state, image_size)
         record["images_per_s"] = config.batch_size / (time.perf_counter() - started)
         state.history.append(record)
         if loop_config["on_step"] is not None:
@@ -343,30 +368,6 @@ def _train_worker(loop_config: dict) -> None:
 
 
 @dataclass
-class _Shard:
-    indices: list[int]  # global image indices, in list order
-    images: torch.Tensor  # [n, 3, S, S] float in [0, 1]
-    sizes: list[tuple[int, int]]  # (height, width) of what each image showed the model, before resizing
-    skipped: Counter  # cause -> count
-
-
-def _read_shard(sources: list[ImageSource], rank: int, world: int, image_size: int, alpha: str) -> _Shard:
-    indices, images, sizes, skipped = [], [], [], Counter()
-    for index in range(rank, len(sources), world):
-        try:
-            loaded = load_source(sources[index], size=image_size, alpha=alpha)
-        except ImageReadError as error:
-            skipped[error.cause] += 1
-            logger.warning("[discover] skipping %s", error)
-            continue
-        indices.append(index)
-        images.append(loaded.pixels)
-        sizes.append(loaded.frame_size)
-    stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
-    return _Shard(indices, stacked, sizes, skipped)
-
-
-@dataclass
 class _State:
     context: torch.Tensor  # the learned leaf tensor, on the model's device
     optimizer: torch.optim.Adam
@@ -383,14 +384,15 @@ def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
     return _State(context, torch.optim.Adam([context], lr=config.lr))
 
 
-def _optimizer_step(config, diffusion: Diffusion, shard: _Shard, picked: list[int], state: _State, size: int) -> dict:
-    thetas, noise_images, noise_transformed = _image_draws(
-        config, diffusion, [shard.indices[i] for i in picked], state.step, size
-    )
+def _optimizer_step(
+    config, diffusion: Diffusion, images: torch.Tensor, image_indices: list[int], state: _State, size: int
+) -> dict:
+    """One Adam step on this worker's images [n, 3, S, S], whose global indices key their draws."""
+    thetas, noise_images, noise_transformed = _image_draws(config, diffusion, image_indices, state.step, size)
     state.optimizer.zero_grad()
     parts = training_loss(
         diffusion,
-        shard.images[picked],
+        images,
         state.context,
         thetas=thetas,
         noise=(noise_images, noise_transformed),
@@ -422,7 +424,7 @@ def _image_draws(config, diffusion: Diffusion, image_indices: list[int], step: i
     return torch.cat(thetas), torch.stack(noise_images), torch.stack(noise_transformed)
 
 
-def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Tensor, size: int) -> torch.Tensor:
+def _count_picks(config, diffusion: Diffusion, shard: ShardReader, context: torch.Tensor, size: int) -> torch.Tensor:
     """SPEC 1.4 votes of this worker's images among the first ``num_indices``, summed over workers."""
     counts = torch.zeros(config.num_tokens, dtype=torch.long)
     mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
@@ -433,7 +435,7 @@ def _count_picks(config, diffusion: Diffusion, shard: _Shard, context: torch.Ten
         ]
         counts += count_token_picks(
             diffusion,
-            shard.images[chunk],
+            shard.batch(chunk),
             context,
             top_k=config.top_k,
             furthest_point_num_samples=config.furthest_point_num_samples,
@@ -456,7 +458,7 @@ def _map_options(config: DiscoveryConfig, size: int) -> dict:
     )
 
 
-def _image_counts(shard: _Shard, num_indices: int, listed: int) -> dict:
+def _image_counts(shard: ShardReader, num_indices: int, listed: int) -> dict:
     gathered = [None] * _world_size()
     summary = {
         "used": len(shard.indices),
@@ -476,13 +478,13 @@ def _image_counts(shard: _Shard, num_indices: int, listed: int) -> dict:
     }
 
 
-def _preview(config, diffusion: Diffusion, shard: _Shard, state: _State) -> bytes | None:
+def _preview(config, diffusion: Diffusion, shard: ShardReader, state: _State) -> bytes | None:
     """keypoints.png: a few of rank 0's images with their detected keypoints, and the first one's maps."""
-    count = min(config.preview_images, len(shard.images))
+    count = min(config.preview_images, len(shard))
     if count == 0:
         return None
-    size = shard.images.shape[-1]
-    images = shard.images[:count]
+    size = shard.size
+    images = shard.batch(list(range(count)))
     context = state.context.detach()
     generator = keyed_generator(config.seed, "preview")
     options = _map_options(config, size)

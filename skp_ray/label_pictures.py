@@ -2,9 +2,11 @@
 
 Each picked row becomes one picture: its image at its own aspect (longest side
 ``DISPLAY_SIZE``) with the numbered keypoints, keypoint i in colour i, above a
-caption with the file name and the row's status. An error row shows its image
-if it can be read, else a grey panel naming the cause; so does an ok row
-whose image can no longer be read.
+caption with the file name and the row's status. A row with keypoint
+confidence also shows each keypoint's spread as a circle of that radius in its
+colour, and its image's score (``skp_ray.confidence.image_score``) in the
+caption. An error row shows its image if it can be read, else a grey panel
+naming the cause; so does an ok row whose image can no longer be read.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ from collections.abc import Sequence
 
 import fsspec
 import numpy as np
-from PIL import Image
+import pyarrow as pa
+from PIL import Image, ImageDraw
 
+from skp_ray.confidence import ConfidenceTally, image_score
 from skp_ray.images import ImageReadError, absolute_uri, join_uri, read_image
-from skp_ray.label_store import read_labels
-from skp_ray.plotting import captioned, draw_keypoints, image_grid, text_panel
+from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
+from skp_ray.plotting import captioned, draw_keypoints, image_grid, keypoint_colours, text_panel
 
-__all__ = ["DISPLAY_SIZE", "label_picture", "pick_rows", "show_labels"]
+__all__ = ["DISPLAY_SIZE", "label_picture", "least_confident_rows", "pick_rows", "show_labels"]
 
 DISPLAY_SIZE = 512  # longest side of a drawn image, in pixels
 GRID_COLUMNS = 4
 _ERROR_GREY = (110, 110, 110)
-_COLUMNS = ["image_id", "uri", "status", "error_cause", "error", "keypoints_xy"]  # what a picture needs
+# what a picture needs
+_COLUMNS = ["image_id", "uri", "status", "error_cause", "error", "keypoints_xy", "keypoint_spread_px", "peak_share"]
 
 
 def show_labels(
@@ -36,11 +41,24 @@ def show_labels(
     uris: Sequence[str] | None = None,
     sample: int | None = None,
     seed: int = 0,
+    least_confident: int | None = None,
     display_size: int = DISPLAY_SIZE,
 ) -> list[str]:
-    """Draw rows of the labels at ``labels`` (``pick_rows`` says which) into ``output``: one grid PNG when
-    it ends in ".png", else a folder (local or fsspec URL) of one PNG per image. Returns the files written."""
-    rows = pick_rows(read_labels(labels, columns=_COLUMNS).to_pylist(), uris=uris, sample=sample, seed=seed)
+    """Draw rows of the labels at ``labels`` into ``output``: the ``least_confident`` ones
+    (``least_confident_rows``), else those ``pick_rows`` picks. One grid PNG when ``output`` ends in
+    ".png", else a folder (local or fsspec URL) of one PNG per image. Returns the files written."""
+    rows = read_labels(labels, columns=_COLUMNS).to_pylist()
+    if least_confident is not None:
+        if uris or sample is not None:
+            raise ValueError("give one of uris, sample and least_confident")
+        rows = least_confident_rows(rows, least_confident)
+        if not rows:
+            raise ValueError(
+                f"no ok row of {labels!r} has keypoint confidence (labelled before it existed?): relabel "
+                "those images into a new output, or pick rows with --sample or --uri"
+            )
+    else:
+        rows = pick_rows(rows, uris=uris, sample=sample, seed=seed)
     if not rows:
         raise ValueError(f"{labels!r} holds no label rows to draw")
     if output.lower().endswith(".png"):
@@ -78,9 +96,24 @@ def pick_rows(
     return rows
 
 
+def least_confident_rows(rows: Sequence[dict], count: int) -> list[dict]:
+    """The ``count`` ok rows with the highest score, least confident first: the ranking of the
+    run summary's ``ConfidenceTally``. Rows without keypoint confidence are never picked."""
+    if count < 1:
+        raise ValueError(f"--least_confident must be at least 1, got {count}")
+    tally = ConfidenceTally(least_confident=count)
+    schema = pa.schema([OUTPUT_SCHEMA.field(name) for name in _TALLIED])
+    tally.add(pa.Table.from_pylist([{name: row.get(name) for name in _TALLIED} for row in rows], schema=schema))
+    by_uri = {row["uri"]: row for row in rows}
+    return [by_uri[entry["uri"]] for entry in tally.result()["least_confident"]]
+
+
+_TALLIED = ("uri", "status", "keypoint_spread_px", "peak_share")
+
+
 def label_picture(row: dict, *, display_size: int = DISPLAY_SIZE) -> Image.Image:
     """One label row drawn (see the module's description); ``row`` needs ``OUTPUT_SCHEMA``'s image_id, uri,
-    status, error_cause, error and keypoints_xy."""
+    status, error_cause, error and keypoints_xy (keypoint_spread_px when it has one)."""
     font_size = max(11, display_size // 28)
     try:
         image = Image.fromarray(read_image(row["uri"]))
@@ -91,6 +124,8 @@ def label_picture(row: dict, *, display_size: int = DISPLAY_SIZE) -> Image.Image
     picture = _fit(image, display_size)
     if row["status"] == "ok" and row["keypoints_xy"]:
         points_xy = np.asarray(row["keypoints_xy"], dtype=np.float64)
+        if row.get("keypoint_spread_px"):
+            picture = _spread_circles(picture, points_xy, row["keypoint_spread_px"], image.size)
         radius = max(3.0, display_size / 80)  # a little larger than draw_keypoints' default: numbers to read
         picture = draw_keypoints(picture, points_xy / image.size, order="xy_normalized", radius=radius)
     return captioned(picture, _caption(row), font_size=font_size)
@@ -105,8 +140,25 @@ def picture_name(row: dict) -> str:
 def _caption(row: dict) -> list[str]:
     name = posixpath.basename(row["uri"].rstrip("/")) or row["uri"]
     if row["status"] == "ok":
-        return [name, f"ok, {len(row['keypoints_xy'] or [])} keypoints"]
+        status = f"ok, {len(row['keypoints_xy'] or [])} keypoints"
+        score = image_score(row.get("keypoint_spread_px"))
+        return [name, status if np.isnan(score) else f"{status}, median spread {score:.1f} px"]
     return [name, f"error: {row['error_cause']}"]
+
+
+def _spread_circles(picture: Image.Image, points_xy: np.ndarray, spreads, original_size) -> Image.Image:
+    """``picture`` with a circle (an ellipse where rounding made the scales differ) around each keypoint
+    (x, y) in original pixels, of its spread's radius, in its colour."""
+    picture = picture.copy()
+    draw = ImageDraw.Draw(picture)
+    scale = np.asarray(picture.size, dtype=np.float64) / np.asarray(original_size, dtype=np.float64)
+    width = max(2, round(min(picture.size) / 200))
+    for (x, y), spread, colour in zip(points_xy, spreads, keypoint_colours(len(points_xy))):
+        if spread is None or not np.isfinite([x, y, spread]).all():
+            continue
+        (cx, cy), (rx, ry) = np.array([x, y]) * scale - 0.5, spread * scale  # PIL indexes pixels, centres at +0.5
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], outline=colour, width=width)
+    return picture
 
 
 def _fit(image: Image.Image, longest: int) -> Image.Image:

@@ -27,6 +27,8 @@ __all__ = ["OUTPUT_SCHEMA", "LABELS", "label_files", "read_labels", "labelled_id
 # One row per input image. Keypoints are [K][2] lists: (x, y) in original-image pixels
 # (a pixel's centre at index + 0.5) and (x, y) normalised to [0, 1] in the frame the model saw:
 # the manifest's crop box when it gives one (crop_box), else the whole image (width, height).
+# keypoint_spread_px and peak_share: each keypoint's confidence (skp_ray.detection.Detection); files
+# written before they existed lack them.
 OUTPUT_SCHEMA = with_format_metadata(
     pa.schema(
         [
@@ -39,6 +41,8 @@ OUTPUT_SCHEMA = with_format_metadata(
             ("keypoints_xy", pa.list_(pa.list_(pa.float32()))),
             ("keypoints_xy_normalized", pa.list_(pa.list_(pa.float32()))),
             ("peaks", pa.list_(pa.float32())),
+            ("keypoint_spread_px", pa.list_(pa.float32())),
+            ("peak_share", pa.list_(pa.float32())),
             ("artifact_id", pa.string()),
             ("model", pa.string()),
             ("status", pa.string()),

@@ -1,19 +1,24 @@
 """Batch labelling: image corpora streamed through model-holding actors to Parquet keypoints (Ray Data).
 
-The pipeline, one Ray Data dataset:
+The pipeline, one streaming Ray Data dataset (no stage waits for the whole input):
 
-1. the driver checks the settings, the artifact and the model, takes the
-   output's lease (one writer at a time), lists the inputs and drops those
-   that already have a row in the output (so a rerun resumes, and a grown
-   bucket labels only its new images);
-2. CPU tasks read and decode each image, crop it as the manifest says, resize
+1. the driver checks the settings, the artifact, the model and the input (what
+   it is, not what it holds) and takes the output's lease (one writer at a time);
+2. Ray Data reads the input in parallel (``skp_ray.source_dataset``: manifests
+   through its readers, folders listed per sub-folder in tasks), and each block
+   of sources asks the resume filter (``skp_ray.label_resume``, an actor holding
+   the ids the output already has) which of its rows still need a row, so a
+   rerun resumes, a grown bucket labels only its new images and a URI listed
+   twice is labelled once;
+3. CPU tasks read and decode each image, crop it as the manifest says, resize
    it to the model's size and apply its mask, turning any failure into an
    error row instead of an exception;
-3. an actor pool (one GPU per actor when GPUs are used) holds the model and
+4. an actor pool (one GPU per actor when GPUs are used) holds the model and
    the artifact, and runs SPEC 1.5 detection per image, the augmentations of
    an image as one batch;
-4. the rows are written as Parquet files beside any earlier ones
-   (``skp_ray.row_store``), and a summary beside them.
+5. the rows are written as they come, in Parquet files of ``rows_per_file``
+   rows beside any earlier ones (``skp_ray.row_store``); the summary is added up
+   from this run's files, batch by batch.
 
 Every input yields exactly one row: ``status`` "ok" with keypoints, or "error"
 with the cause. Each image's augmentations come from (seed, the hash of its
@@ -24,52 +29,60 @@ reruns, nor on its name: byte-identical files get identical keypoints.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
-import torch
 
-from skp_ray.artifact import KeypointArtifact, load_artifact
+from skp_ray.artifact import load_artifact
+from skp_ray.confidence import DEFAULT_MAX_SPREAD_PX, ConfidenceTally
 from skp_ray.config import checked, option
-from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import DTYPES, Diffusion, check_model, load_diffusion, model_location
-from skp_ray.images import (
-    ALPHA_MODES,
-    DEFAULT_MAX_PIXELS,
-    ImageSource,
-    absolute_source,
-    absolute_uri,
-    decode_batch,
-    list_sources,
-    source_item,
+from skp_ray.diffusion import DTYPES, check_model, model_location
+from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, absolute_uri, decode_batch
+from skp_ray.label_detector import (
+    DEFAULT_IMAGE_SIZE,
+    KeypointDetector,
+    detection_generator,
+    detection_options,
+    load_artifact_model,
 )
-from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, labelled_ids, read_labels
-from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
+from skp_ray.label_resume import PendingImages, pending_sources
+from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, read_labels
 from skp_ray.lease import OutputLease
 from skp_ray.progress import ProgressCounter, ProgressLog
-from skp_ray.randomness import keyed_generator
+from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
+from skp_ray.source_dataset import LISTING_BATCH_ROWS, SourceInput, find_input, image_id
 from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 
-__all__ = ["LabelConfig", "LabelSummary", "LabellingFailed", "run_labelling", "read_labels", "OUTPUT_SCHEMA"]
-
-# SPEC 1.1's image side, for artifacts that do not record theirs.
-DEFAULT_IMAGE_SIZE = 512
+__all__ = [
+    "LabelConfig",
+    "LabelSummary",
+    "LabellingFailed",
+    "run_labelling",
+    "read_labels",
+    "OUTPUT_SCHEMA",
+    "DEFAULT_IMAGE_SIZE",
+    "detection_generator",
+    "detection_options",
+    "load_artifact_model",
+    "image_id",
+]
 
 
 @dataclass
 class LabelConfig:
     artifact: str = option(help="the discovery job's artifact folder or URI")
-    input: str = option(help="folder, s3:// or gs:// prefix, glob, or manifest (.txt; .csv/.parquet with a uri column)")
+    input: str = option(
+        help="folder, s3:// or gs:// prefix, glob, or manifest (.txt; .csv/.parquet with a uri column), "
+        "or a folder or glob of manifest files"
+    )
     output: str = option(help="folder or URI for the Parquet rows (labels-*.parquet) and the run summaries")
     model: str | None = option(None, "hub id or folder of the model; default: the artifact's model and revision")
     augmentation_iterations: int = option(10, "test-time augmentations per image (SPEC 1.5)")
@@ -82,7 +95,11 @@ class LabelConfig:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels become too_large error rows")
     alpha: str = option("white", "transparency: 'white' composites onto white, 'drop' discards it (published)")
     retry_errors: bool = option(False, "label again the images whose only rows are error rows")
+    rows_per_file: int = option(1000, "rows per output file: a crash loses at most the files being filled")
     max_error_fraction: float = option(0.5, "exit non-zero when more than this fraction of the images fail")
+    max_spread_px: float = option(
+        DEFAULT_MAX_SPREAD_PX, "the summary counts an image unreliable when its median keypoint spread exceeds this (pixels)"
+    )
     lease_timeout_s: float = option(300.0, "a lease on --output whose heartbeat is older than this is stale")
     gpu_wait_s: float = option(300.0, "with --use-gpu, how long to wait for a GPU before giving up")
     log_every_s: float = option(30.0, "seconds between progress lines in the log")
@@ -100,6 +117,7 @@ class LabelSummary:
     failures: list[dict]  # the first failing images: uri, cause, error
     seconds: float  # the whole run
     labelling_seconds: float  # from the first batch's start to the last batch's end
+    confidence: ConfidenceTally = dataclasses.field(default_factory=ConfidenceTally)  # this run's ok rows
 
     @property
     def images_per_second(self) -> float:
@@ -123,6 +141,8 @@ class LabelSummary:
         ]
         failed = [f"{failed['uri']} ({failed['cause']}): {failed['error']}" for failed in self.failures]
         lines += failure_lines("label", failed, self.error_count)
+        if self.labelled > self.error_count:
+            lines += self.confidence.describe()
         lines.append(f"[label] output: {self.output}")
         return "\n".join(lines)
 
@@ -144,6 +164,7 @@ class LabelSummary:
             "error_causes": self.errors,
             "failures": self.failures,
             "failures_truncated": self.error_count > len(self.failures),
+            "confidence": self.confidence.result(),
             "timings": {
                 "total_s": self.seconds,
                 "labelling_s": self.labelling_seconds,
@@ -161,20 +182,16 @@ class LabellingFailed(RuntimeError):
         self.summary = summary
 
 
-def image_id(uri: str) -> str:
-    """A stable id for an image: the first 16 hex digits of the sha256 of its URI."""
-    return hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
 def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None = None) -> LabelSummary:
     """Label every input image that has no row in ``config.output`` yet; returns the run's summary.
 
     Everything that would make every image fail (settings, artifact, model,
-    an output that cannot be written, another run writing to it) is refused
-    here on the driver before Ray starts an actor. Raises LabellingFailed,
-    after writing the rows and the summary, when too many images failed.
-    ``on_batch(rows)`` runs in the actor after each batch it labels. Joins the
-    Ray cluster that ``RAY_ADDRESS`` names, or starts a local one.
+    an output that cannot be written, another run writing to it, an input that
+    does not exist) is refused here on the driver before Ray starts an actor.
+    Raises LabellingFailed, after writing the rows and the summary, when too
+    many images failed. ``on_batch(rows)`` runs in the actor after each batch
+    it labels. Joins the Ray cluster that ``RAY_ADDRESS`` names, or starts a
+    local one.
     """
     started = time.perf_counter()
     config = checked(config)
@@ -184,12 +201,13 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     output = absolute_uri(config.output)
     run_id = uuid.uuid4().hex[:12]
     with OutputLease(output, run_id, stale_after_s=config.lease_timeout_s):
-        sources = _distinct(absolute_source(source) for source in list_sources(config.input))
-        done = labelled_ids(label_files(output), retry_errors=config.retry_errors)
-        todo = [dict(source_item(source), image_id=image_id(source.uri)) for source in sources if image_id(source.uri) not in done]
-        print(f"[label] {len(sources)} images, {len(sources) - len(todo)} already labelled, {len(todo)} to label -> {output}")
-        labelling_seconds = _label(config, artifact, todo, output, run_id, compute, on_batch) if todo else 0.0
-        summary = _summarise(output, run_id, len(sources), len(sources) - len(todo), started, labelling_seconds)
+        found = find_input(config.input)
+        files = label_files(output)
+        print(f"[label] labelling the images at {config.input} without a row in {output} (listed as they are read)")
+        totals, labelling_seconds = _label(config, artifact, found, files, output, run_id, compute, on_batch)
+        if not totals["listed"]:
+            raise ValueError(f"no images found at {config.input!r}; expected files ending in image extensions or manifest entries")
+        summary = _summarise(output, run_id, totals, started, labelling_seconds, config.max_spread_px)
         failure = summary.failure(config.max_error_fraction)
         write_summary(output, run_id, summary.record(config, artifact.id, failure))
     print(summary.describe())
@@ -204,8 +222,12 @@ def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
         problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
     if config.batch_size < 1 or config.augmentation_iterations < 1:
         problems.append("--batch-size and --augmentation_iterations must be at least 1")
+    if config.rows_per_file < 1:
+        problems.append(f"--rows_per_file must be at least 1 (got {config.rows_per_file})")
     if config.alpha not in ALPHA_MODES:
         problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
+    if not config.max_spread_px > 0:
+        problems.append(f"--max_spread_px must be a positive number of pixels (got {config.max_spread_px})")
     if not 0 <= config.max_error_fraction <= 1:
         problems.append(f"--max_error_fraction must lie in [0, 1] (got {config.max_error_fraction})")
     if problems:
@@ -213,8 +235,9 @@ def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
     return parse_actors(config.actors)
 
 
-def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute, on_batch) -> float:
-    """Runs the pipeline over ``todo``; returns the seconds spent labelling (start-up excluded)."""
+def _label(config, artifact, found: SourceInput, files, output: str, run_id: str, compute, on_batch):
+    """Runs the pipeline: list, drop what the output has, decode, detect, write as blocks finish.
+    Returns the listing's totals and the seconds spent labelling (start-up excluded)."""
     path, filesystem = parquet_location(output)
     connect()
     config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
@@ -222,10 +245,20 @@ def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute
         wait_for_gpus(1, timeout_s=config.gpu_wait_s, what="the labelling actors")
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
     image_size = artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE
-    counter = ProgressCounter.remote()
+    counter, pending = ProgressCounter.remote(), PendingImages.remote(files, config.retry_errors)
     detector_options = {"config": config, "run_id": run_id, "counter": counter, "on_batch": on_batch}
     pipeline = (
-        ray.data.from_items(todo, override_num_blocks=-(-len(todo) // config.batch_size))
+        found.dataset()
+        .map_batches(
+            pending_sources,
+            fn_kwargs={"pending": pending},
+            batch_size=LISTING_BATCH_ROWS,
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
+        # Listing blocks can hold many thousands of rows; the detectors get them a batch at a time, so each
+        # batch's rows leave the actor (and reach a file) as soon as it is labelled.
+        .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
             decode_batch,
             fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
@@ -243,139 +276,70 @@ def _label(config, artifact, todo: list[dict], output: str, run_id: str, compute
     )
     if not ray.available_resources().get("CPU"):
         print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
-    with ProgressLog(counter, len(todo), interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
-        pipeline.write_parquet(path, filesystem=filesystem, filename_provider=RowFileNames(LABELS, run_id), schema=OUTPUT_SCHEMA)
+    to_label = functools.partial(_to_label, pending, timeout_s=config.log_every_s)
+    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
+        pipeline.write_parquet(
+            path,
+            filesystem=filesystem,
+            filename_provider=RowFileNames(LABELS, run_id),
+            schema=OUTPUT_SCHEMA,
+            min_rows_per_file=config.rows_per_file,
+            max_rows_per_file=config.rows_per_file,
+            ray_remote_args={"num_cpus": 0.5},  # writes are I/O; a whole CPU each can starve them on small nodes
+        )
+    totals = ray.get(pending.totals.remote())
     snapshot = ray.get(counter.snapshot.remote())
-    print(progress.line(snapshot))
+    print(progress.line(snapshot, total=_to_label(pending)))
     ray.kill(counter)
-    return snapshot["working_seconds"]
+    ray.kill(pending)
+    return totals, snapshot["working_seconds"]
 
 
-def _distinct(sources) -> list[ImageSource]:
-    """One source per URI (the first listed): an image listed twice is labelled once."""
-    first = {}
-    for source in sources:
-        first.setdefault(source.uri, source)
-    return list(first.values())
+def _to_label(pending, timeout_s: float | None = None) -> int:
+    """Images listed so far that need a row (the resume filter's count)."""
+    totals = ray.get(pending.totals.remote(), timeout=timeout_s)
+    return totals["listed"] - totals["already_labelled"]
 
 
-def detection_options(settings: dict) -> dict:
-    """``detect_keypoints`` options matching the discovery run's maps and augmentations (SPEC 1.5)."""
-    options = dict(
-        layers=settings.get("layers"),
-        noise_level=settings.get("noise_level"),
-        feature_upsample_res=settings.get("feature_upsample_res"),
-        image_size=settings.get("image_size"),
-        degrees=settings.get("augment_degrees"),
-        scale=settings.get("augment_scale"),
-        translate=settings.get("augment_translate"),
-    )
-    return {
-        key: tuple(value) if isinstance(value, list) else value for key, value in options.items() if value is not None
-    }
+class RunTally:
+    """What the summary says about this run's rows, added up one record batch at a time: rows, errors
+    by cause, and the first ``SUMMARY_FAILURES`` failures."""
+
+    columns = ["uri", "status", "error_cause", "error"]
+
+    def __init__(self):
+        self.labelled, self.errors, self.failures = 0, Counter(), []
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.labelled += batch.num_rows
+        failed = batch.filter(pc.equal(batch.column("status"), "error"))
+        self.errors.update(failed.column("error_cause").to_pylist())
+        room = SUMMARY_FAILURES - len(self.failures)
+        if room > 0:
+            rows = failed.slice(0, room).to_pylist()
+            self.failures += [{"uri": row["uri"], "cause": row["error_cause"], "error": row["error"]} for row in rows]
 
 
-def detection_generator(seed: int, content_hash: str) -> torch.Generator:
-    """Where an image's augmentations come from: keyed by the run's seed and the image's content hash."""
-    return keyed_generator(seed, "detect", content_hash)
-
-
-def load_artifact_model(artifact: KeypointArtifact, *, model: str | None, dtype: str, device: str) -> Diffusion:
-    """The model the artifact was learned with (at its revision), or ``model`` instead; no text encoder."""
-    return load_diffusion(
-        model_location(model or artifact.model),
-        dtype=DTYPES[dtype],
-        device=device,
-        revision=artifact.revision if model is None else None,
-        text_encoder=False,
-    )
-
-
-class KeypointDetector:
-    """A Ray Data actor: loads the model and artifact once, then labels batches of decoded images."""
-
-    def __init__(self, config: LabelConfig, run_id: str, counter, on_batch: Callable[[int], None] | None = None):
-        artifact = load_artifact(config.artifact)
-        self.model = config.model or artifact.model
-        device = "cuda" if config.use_gpu else "cpu"
-        self.diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=device)
-        self.context = artifact.context.to(device)
-        self.indices = artifact.token_indices
-        self.options = detection_options(artifact.settings)
-        self.artifact_id = artifact.id
-        self.config, self.run_id, self.counter, self.on_batch = config, run_id, counter, on_batch
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        started = time.time()
-        count, k = len(batch["uri"]), len(self.indices)
-        keypoints_yx = np.full((count, k, 2), np.nan, dtype=np.float32)
-        peaks = np.full((count, k), np.nan, dtype=np.float32)
-        for i in range(count):
-            if batch["error_cause"][i]:
-                continue
-            points, values = detect_keypoints(
-                self.diffusion,
-                torch.tensor(batch["pixels"][i])[None],  # a copy: Ray hands batches over read-only
-                self.context,
-                self.indices,
-                augmentation_iterations=self.config.augmentation_iterations,
-                generator=detection_generator(self.config.seed, batch["content_hash"][i]),
-                **self.options,
-            )
-            keypoints_yx[i], peaks[i] = points[0].cpu().numpy(), values[0].cpu().numpy()
-        table = _output_table(batch, keypoints_yx, peaks, self.artifact_id, self.model, self.run_id)
-        failed = sum(bool(cause) for cause in batch["error_cause"])
-        self.counter.add.remote(count, failed, started, time.time())
-        if self.on_batch is not None:
-            self.on_batch(count)
-        return table
-
-
-def _output_table(batch, keypoints_yx: np.ndarray, peaks: np.ndarray, artifact_id: str, model: str, run_id: str):
-    ok = np.array([not cause for cause in batch["error_cause"]])
-    frame = batch["frame"].astype(np.float32)
-    normalized = keypoints_yx[:, :, ::-1]  # (y, x) -> (x, y)
-    pixels = frame[:, None, :2] + normalized * (frame[:, None, 2:] - frame[:, None, :2])
-
-    def lists(values: np.ndarray) -> list:
-        return [row.tolist() if good else None for row, good in zip(values, ok)]
-
-    def text(values) -> list:
-        return [str(value) if value else None for value in values]
-
-    count = len(ok)
-    columns = {
-        "image_id": list(batch["image_id"]),
-        "uri": list(batch["uri"]),
-        "content_hash": text(batch["content_hash"]),
-        "width": [int(w) if good else None for w, good in zip(batch["width"], ok)],
-        "height": [int(h) if good else None for h, good in zip(batch["height"], ok)],
-        "crop_box": [[int(v) for v in box] if has else None for box, has in zip(batch["crop_box"], batch["has_crop"])],
-        "keypoints_xy": lists(pixels),
-        "keypoints_xy_normalized": lists(normalized),
-        "peaks": lists(peaks),
-        "artifact_id": [artifact_id] * count,
-        "model": [model] * count,
-        "status": ["ok" if good else "error" for good in ok],
-        "error_cause": text(batch["error_cause"]),
-        "error": text(batch["error"]),
-        "labelled_at": [datetime.now(timezone.utc)] * count,
-        "run_id": [run_id] * count,
-    }
-    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
-
-
-def _summarise(output: str, run_id: str, listed: int, already: int, started: float, labelling_s: float) -> LabelSummary:
-    errors, failures, labelled = Counter(), [], 0
-    if already < listed:
-        table = label_files(output, log=lambda _: None).read(["uri", "status", "error_cause", "error", "run_id"])
-        table = table.filter(pc.equal(table["run_id"], run_id))
-        labelled = table.num_rows
-        failed = table.filter(pc.equal(table["status"], "error"))
-        errors = Counter(failed.column("error_cause").to_pylist())
-        failures = [
-            {"uri": row["uri"], "cause": row["error_cause"], "error": row["error"]}
-            for row in failed.slice(0, SUMMARY_FAILURES).to_pylist()
-        ]
+def _summarise(
+    output: str, run_id: str, totals: dict, started: float, labelling_s: float, max_spread_px: float
+) -> LabelSummary:
+    """The run's summary, streaming over this run's own files batch by batch (never the whole output)."""
+    files = label_files(output, log=lambda _: None)
+    tally, confidence = RunTally(), ConfidenceTally(max_spread_px=max_spread_px)
+    columns = [*tally.columns, "keypoint_spread_px", "peak_share"]
+    for batch in files.batches(columns, paths=files.of_run(run_id)):  # one pass over this run's rows
+        tally.add(batch)
+        confidence.add(batch)
     seconds = time.perf_counter() - started
-    return LabelSummary(output, run_id, listed, already, labelled, dict(errors), failures, seconds, labelling_s)
+    return LabelSummary(
+        output,
+        run_id,
+        totals["listed"],
+        totals["already_labelled"],
+        tally.labelled,
+        dict(tally.errors),
+        tally.failures,
+        seconds,
+        labelling_s,
+        confidence,
+    )

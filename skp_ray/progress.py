@@ -8,6 +8,7 @@ actor; a thread on the driver reads it every interval and prints a line.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import ray
 
@@ -35,9 +36,22 @@ class ProgressCounter:
 
 
 class ProgressLog:
-    """While open, prints ``[label] done/total images, rate, ETA`` every ``interval_s`` seconds."""
+    """While open, prints ``[label] done/total images, rate, ETA`` every ``interval_s`` seconds.
 
-    def __init__(self, counter, total: int, *, interval_s: float, prefix: str = "[label]", unit: str = "images"):
+    ``total`` is a number, or a function giving the total known so far (work
+    whose listing streams in with it): lines then say that the total grows until
+    the listing finishes. ``line(snapshot, total=...)`` gives the final count.
+    """
+
+    def __init__(
+        self,
+        counter,
+        total: int | Callable[[], int],
+        *,
+        interval_s: float,
+        prefix: str = "[label]",
+        unit: str = "images",
+    ):
         self.counter, self.total, self.interval_s, self.prefix, self.unit = counter, total, interval_s, prefix, unit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress-log", daemon=True)
@@ -50,13 +64,21 @@ class ProgressLog:
         self._stop.set()
         self._thread.join()
 
-    def line(self, snapshot: dict) -> str:
+    def line(self, snapshot: dict, total: int | None = None) -> str:
+        """The progress line; ``total`` (or a number given as ``total`` at the start) is final."""
+        final = total is not None or not callable(self.total)
+        total = total if total is not None else (self.total if final else self.total())
         done, working = snapshot["done"], snapshot["working_seconds"]
         rate = done / working if working > 0 else 0.0
-        eta = format_duration((self.total - done) / rate) if rate > 0 else "unknown"
-        percent = 100.0 * done / self.total if self.total else 100.0
+        eta = format_duration(max(total - done, 0) / rate) if rate > 0 else "unknown"
+        if not final:
+            return (
+                f"{self.prefix} {done}/{total} {self.unit} listed so far ({snapshot['failed']} errors; the total "
+                f"grows until the listing finishes), {rate:.2f} {self.unit}/s, ETA {eta} for those listed so far"
+            )
+        percent = 100.0 * done / total if total else 100.0
         return (
-            f"{self.prefix} {done}/{self.total} {self.unit} ({percent:.1f} %, {snapshot['failed']} errors), "
+            f"{self.prefix} {done}/{total} {self.unit} ({percent:.1f} %, {snapshot['failed']} errors), "
             f"{rate:.2f} {self.unit}/s, ETA {eta}"
         )
 
@@ -64,9 +86,10 @@ class ProgressLog:
         while not self._stop.wait(self.interval_s):
             try:
                 snapshot = ray.get(self.counter.snapshot.remote(), timeout=self.interval_s)
+                line = self.line(snapshot)
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 continue
-            print(self.line(snapshot), flush=True)
+            print(line, flush=True)
 
 
 def format_duration(seconds: float) -> str:

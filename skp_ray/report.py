@@ -27,7 +27,7 @@ from PIL import Image
 from skp_ray.artifact import KeypointArtifact
 from skp_ray.attention import attention_maps
 from skp_ray.images import ImageSource, load_source, resize_batch
-from skp_ray.labelling import DEFAULT_IMAGE_SIZE, detection_options, load_artifact_model
+from skp_ray.label_detector import DEFAULT_IMAGE_SIZE, detection_options, load_artifact_model
 from skp_ray.plotting import (
     draw_keypoints,
     heatmap_overlay,

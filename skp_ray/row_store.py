@@ -50,6 +50,10 @@ class RowFormat:
         """The name of one file of rows (Ray Data appends ``-<block>`` before the extension)."""
         return f"{self.prefix}-{run_id}-{write_id}-{task_index:06d}.parquet"
 
+    def is_run_file_name(self, name: str, run_id: str) -> bool:
+        """Whether ``name`` is one of the files that run ``run_id`` wrote."""
+        return self.is_file_name(name) and name.startswith(f"{self.prefix}-{run_id}-")
+
     def is_file_name(self, name: str) -> bool:
         return re.match(rf"^{re.escape(self.prefix)}-[0-9a-f]+-.+\.parquet$", name) is not None
 
@@ -66,11 +70,36 @@ class RowFiles:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every row of our files (all their rows, older ones included), with ``columns`` only if given."""
-        full = self.format.schema
-        tables = [pq.read_table(path, columns=columns, filesystem=self.filesystem) for path in self.ours]
-        schema = full if columns is None else pa.schema([full.field(c) for c in columns])
-        tables = [table.select(schema.names).cast(schema) for table in tables]
+        schema = self._schema(columns)
+        tables = [pa.Table.from_batches(list(self._file_batches(path, schema)), schema) for path in self.ours]
         return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def of_run(self, run_id: str) -> list[str]:
+        """The paths of our files that run ``run_id`` wrote."""
+        return [path for path in self.ours if self.format.is_run_file_name(posixpath.basename(path), run_id)]
+
+    def batches(self, columns: list[str], *, paths: list[str] | None = None, batch_rows: int = 65_536):
+        """Every row of our files (or of ``paths`` among them), ``columns`` only, as record batches of at most
+        ``batch_rows`` rows: one file's row group at a time in memory, whatever the output's size."""
+        schema = self._schema(columns)
+        for path in self.ours if paths is None else paths:
+            yield from self._file_batches(path, schema, batch_rows)
+
+    def _schema(self, columns: list[str] | None) -> pa.Schema:
+        full = self.format.schema
+        return full if columns is None else pa.schema([full.field(c) for c in columns])
+
+    def _file_batches(self, path: str, schema: pa.Schema, batch_rows: int = 65_536):
+        """One file's rows as ``schema``'s batches; a column added to the format after the file was written
+        reads as nulls."""
+        parquet = pq.ParquetFile(path, filesystem=self.filesystem)
+        present = [name for name in schema.names if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_rows, columns=present):
+            columns = [
+                batch.column(field.name).cast(field.type) if field.name in present else pa.nulls(batch.num_rows, field.type)
+                for field in schema
+            ]
+            yield pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def row_files(output: str, row_format: RowFormat, *, log=print) -> RowFiles:
@@ -141,6 +170,18 @@ def done_ids(files: RowFiles, *, retry_errors: bool = False) -> set[str]:
     if retry_errors:
         table = table.filter(pc.equal(table["status"], "ok"))
     return set(table.column(files.format.id_column).to_pylist())
+
+
+def done_id_array(files: RowFiles, *, retry_errors: bool = False) -> np.ndarray:
+    """``done_ids`` as a sorted numpy array of ids (bytes), read batch by batch: a few bytes per id, no
+    Python object per row, for the resume filter of a large output."""
+    chunks = [np.array([], dtype="S1")]
+    for batch in files.batches([files.format.id_column, "status"]):
+        ids = batch.column(0)
+        if retry_errors:
+            ids = ids.filter(pc.equal(batch.column(1), "ok"))
+        chunks.append(ids.cast(pa.binary()).to_numpy(zero_copy_only=False).astype("S"))
+    return np.unique(np.concatenate(chunks))
 
 
 class RowFileNames(FilenameProvider):

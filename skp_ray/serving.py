@@ -15,7 +15,7 @@ Each replica loads the model and the artifact once and answers through FastAPI:
 Requests are read, checked and decoded one by one (``skp_ray.serving_requests``:
 a bad request is refused on its own), then wait for a ``@serve.batch`` of up
 to ``max_batch_size`` requests from any clients. A batch is detected with one
-``detect_keypoints`` call per augmentation count, every image with the
+``detect_with_confidence`` call per augmentation count, every image with the
 augmentations that ``detection_generator(seed, content_hash)`` draws for it,
 so an answer equals labelling's row for the same image and seed whatever it
 was batched with.
@@ -45,10 +45,10 @@ from starlette.exceptions import HTTPException
 
 from skp_ray.artifact import load_artifact
 from skp_ray.config import checked, option, typed_settings
-from skp_ray.detection import detect_keypoints, draw_augmentations
+from skp_ray.detection import detect_with_confidence, draw_augmentations
 from skp_ray.diffusion import DTYPES, check_model, model_location
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS
-from skp_ray.labelling import DEFAULT_IMAGE_SIZE, detection_generator, detection_options, load_artifact_model
+from skp_ray.label_detector import DEFAULT_IMAGE_SIZE, detection_generator, detection_options, load_artifact_model
 from skp_ray.plotting import draw_keypoints
 from skp_ray.ray_cluster import connect, parse_pool_sizes
 from skp_ray.serving_requests import (
@@ -193,6 +193,8 @@ class _Job:
 class _Detection:
     keypoints_yx: np.ndarray  # float32 [K, 2], (y, x) in [0, 1] of the image
     peaks: np.ndarray  # float32 [K]
+    spread_px: np.ndarray  # float32 [K], in the image's pixels (see skp_ray.detection.Detection)
+    peak_share: np.ndarray  # float32 [K]
     batch_size: int  # requests detected in the same batch, this one included
 
 
@@ -312,14 +314,14 @@ class KeypointService:
         return await asyncio.to_thread(self._detect, jobs)  # the event loop keeps reading requests meanwhile
 
     def _detect(self, jobs: list[_Job]) -> list[_Detection]:
-        """One ``detect_keypoints`` call per augmentation count, each image with its own draws."""
+        """One detection call per augmentation count, each image with its own draws."""
         detections: list[_Detection | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.parameters.augmentation_iterations, []).append(index)
         for count, members in groups.items():
             draws = [self._draws(jobs[i], count) for i in members]
-            keypoints, peaks = detect_keypoints(
+            detection = detect_with_confidence(
                 self.diffusion,
                 torch.stack([jobs[i].image.pixels for i in members]).to(self.device),
                 self.context,
@@ -328,8 +330,17 @@ class KeypointService:
                 noise=torch.stack([noise for _, noise in draws]),
                 **self.options,
             )
+            heights = torch.tensor([float(jobs[i].image.height) for i in members])
+            widths = torch.tensor([float(jobs[i].image.width) for i in members])
+            spreads = detection.spread_px(heights, widths)
             for row, index in enumerate(members):
-                detections[index] = _Detection(keypoints[row].cpu().numpy(), peaks[row].cpu().numpy(), len(jobs))
+                detections[index] = _Detection(
+                    detection.keypoints[row].numpy(),
+                    detection.peaks[row].numpy(),
+                    spreads[row].numpy(),
+                    detection.peak_share[row].numpy(),
+                    len(jobs),
+                )
         return detections
 
     def _draws(self, job: _Job, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +354,10 @@ class KeypointService:
             "keypoints_xy": pixels.tolist(),
             "keypoints_xy_normalized": normalized.tolist(),
             "peaks": detection.peaks.tolist(),
-            "confidence": None,  # per-keypoint confidence: not computed yet; this field will carry it
+            "confidence": {
+                "keypoint_spread_px": detection.spread_px.tolist(),
+                "peak_share": detection.peak_share.tolist(),
+            },
             "width": image.width,
             "height": image.height,
             "content_hash": image.content_hash,

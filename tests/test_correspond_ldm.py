@@ -1,6 +1,7 @@
 """The correspondence job's prompt-optimised method (jobs/correspond.py --method ldm, SPEC 3) on Ray, on a
 miniature SPair-71k layout, with the tiny SD 1.5-shaped model at a 128 px model input."""
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -49,6 +50,17 @@ def ldm_run(ray_session, tiny_model_path, spair, tmp_path_factory):
     write_pairs(pairs, folder / "pairs.parquet")
     job = config(tiny_model_path, folder / "pairs.parquet", folder / "out")
     return {"pairs": pairs, "job": job, "output": folder / "out", "summary": run_correspondence(job)}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Ray starts a 0.5-CPU actor with OMP_NUM_THREADS=1; other thread counts may round sums differently."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def distinct_source_pixels(pairs) -> set:
@@ -131,7 +143,10 @@ def test_contexts_and_predictions_are_those_of_a_point_handled_alone(ldm_run, ti
     contexts = torch.stack([store.load(context_key(pair["source_uri"], px, py)).contexts for px, py in pixels.tolist()])
     generators = [keyed_generator(0, "ldm-locate", target.content_hash, context_key(pair["source_uri"], px, py))
                   for px, py in pixels.tolist()]
-    located = locate_point(tiny, target.pixels, contexts, passes=6, image_size=128, generator=generators)
+    with torch_threads(1):  # as in the actor: its batching and thread count, so the same rounding
+        located = locate_point(
+            tiny, target.pixels, contexts, passes=6, image_size=128, generator=generators, max_batch=job.max_batch
+        )
     row = read_matches(str(ldm_run["output"])).to_pandas().set_index("pair_id").loc[pair["pair_id"]]
     assert np.stack(row["predicted_xy"]).tolist() == target_pixels(located.canvas_yx, target.height, target.width).tolist()
     np.testing.assert_allclose(row["scores"], located.scores.numpy(), rtol=1e-5)

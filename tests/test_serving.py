@@ -164,7 +164,9 @@ def test_the_json_equals_detect_keypoints_on_the_same_image_and_seed(server, ima
         answer = post(server, images[name], seed=7).json()
         assert_answer_is(answer, direct(images[name], 7, 2))
         assert answer["artifact_id"] == load_artifact(artifact).id and answer["model"] == TINY_MODEL
-        assert (answer["seed"], answer["augmentation_iterations"], answer["confidence"]) == (7, 2, None)
+        assert (answer["seed"], answer["augmentation_iterations"], {k: len(v) for k, v in answer["confidence"].items()}) == (
+            7, 2, {"keypoint_spread_px": 3, "peak_share": 3}
+        )  # fmt: skip
         assert len(answer["keypoints_xy"]) == len(answer["peaks"]) == 3 and answer["batch_size"] >= 1
     # a multipart upload with form fields is the same request; other seeds and counts give their own answers
     form = server.post("/v1/keypoints", files={"image": ("p.jpg", images["photo.jpg"])}, data={"seed": "7"}).json()

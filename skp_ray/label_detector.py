@@ -1,0 +1,142 @@
+"""The labelling actor: detection settings taken from a discovery artifact, and the detector that turns
+decoded image batches into output rows (one per image, error rows included)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from skp_ray.artifact import KeypointArtifact, load_artifact
+from skp_ray.detection import detect_with_confidence
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, model_location
+from skp_ray.label_store import OUTPUT_SCHEMA
+from skp_ray.randomness import keyed_generator
+
+if TYPE_CHECKING:
+    from skp_ray.labelling import LabelConfig
+
+# SPEC 1.1's image side, for artifacts that do not record theirs.
+DEFAULT_IMAGE_SIZE = 512
+
+
+def detection_options(settings: dict) -> dict:
+    """``detect_keypoints`` options matching the discovery run's maps and augmentations (SPEC 1.5)."""
+    options = dict(
+        layers=settings.get("layers"),
+        noise_level=settings.get("noise_level"),
+        feature_upsample_res=settings.get("feature_upsample_res"),
+        image_size=settings.get("image_size"),
+        degrees=settings.get("augment_degrees"),
+        scale=settings.get("augment_scale"),
+        translate=settings.get("augment_translate"),
+    )
+    return {
+        key: tuple(value) if isinstance(value, list) else value for key, value in options.items() if value is not None
+    }
+
+
+def detection_generator(seed: int, content_hash: str) -> torch.Generator:
+    """Where an image's augmentations come from: keyed by the run's seed and the image's content hash."""
+    return keyed_generator(seed, "detect", content_hash)
+
+
+def load_artifact_model(artifact: KeypointArtifact, *, model: str | None, dtype: str, device: str) -> Diffusion:
+    """The model the artifact was learned with (at its revision), or ``model`` instead; no text encoder."""
+    return load_diffusion(
+        model_location(model or artifact.model),
+        dtype=DTYPES[dtype],
+        device=device,
+        revision=artifact.revision if model is None else None,
+        text_encoder=False,
+    )
+
+
+class KeypointDetector:
+    """A Ray Data actor: loads the model and artifact once, then labels batches of decoded images."""
+
+    def __init__(self, config: LabelConfig, run_id: str, counter, on_batch: Callable[[int], None] | None = None):
+        artifact = load_artifact(config.artifact)
+        self.model = config.model or artifact.model
+        device = "cuda" if config.use_gpu else "cpu"
+        self.diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=device)
+        self.context = artifact.context.to(device)
+        self.indices = artifact.token_indices
+        self.options = detection_options(artifact.settings)
+        self.artifact_id = artifact.id
+        self.config, self.run_id, self.counter, self.on_batch = config, run_id, counter, on_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        started = time.time()
+        count, k = len(batch["uri"]), len(self.indices)
+        keypoints_yx = np.full((count, k, 2), np.nan, dtype=np.float32)
+        per_keypoint = {name: np.full((count, k), np.nan, dtype=np.float32) for name in _PER_KEYPOINT}
+        for i in range(count):
+            if batch["error_cause"][i]:
+                continue
+            detection = detect_with_confidence(
+                self.diffusion,
+                torch.tensor(batch["pixels"][i])[None],  # a copy: Ray hands batches over read-only
+                self.context,
+                self.indices,
+                augmentation_iterations=self.config.augmentation_iterations,
+                generator=detection_generator(self.config.seed, batch["content_hash"][i]),
+                **self.options,
+            )
+            x0, y0, x1, y1 = (float(v) for v in batch["frame"][i])  # the frame in original pixels
+            keypoints_yx[i] = detection.keypoints[0].numpy()
+            per_keypoint["peaks"][i] = detection.peaks[0].numpy()
+            spread = detection.spread_px(torch.tensor([y1 - y0]), torch.tensor([x1 - x0]))
+            per_keypoint["keypoint_spread_px"][i] = spread[0].numpy()
+            per_keypoint["peak_share"][i] = detection.peak_share[0].numpy()
+        table = _output_table(batch, keypoints_yx, per_keypoint, self.artifact_id, self.model, self.run_id)
+        failed = sum(bool(cause) for cause in batch["error_cause"])
+        self.counter.add.remote(count, failed, started, time.time())
+        if self.on_batch is not None:
+            self.on_batch(count)
+        return table
+
+
+# Per-keypoint values [count, K] of a row besides its positions, named as their columns.
+_PER_KEYPOINT = ("peaks", "keypoint_spread_px", "peak_share")
+
+
+def _output_table(batch, keypoints_yx: np.ndarray, per_keypoint: dict, artifact_id: str, model: str, run_id: str):
+    """The rows of ``batch``: ``keypoints_yx`` [count, K, 2] normalised (y, x) of each frame, ``per_keypoint``
+    the ``_PER_KEYPOINT`` columns' values [count, K]; error rows get nulls."""
+    ok = np.array([not cause for cause in batch["error_cause"]])
+    frame = batch["frame"].astype(np.float32)
+    normalized = keypoints_yx[:, :, ::-1]  # (y, x) -> (x, y)
+    pixels = frame[:, None, :2] + normalized * (frame[:, None, 2:] - frame[:, None, :2])
+
+    def lists(values: np.ndarray) -> list:
+        return [row.tolist() if good else None for row, good in zip(values, ok)]
+
+    def text(values) -> list:
+        return [str(value) if value else None for value in values]
+
+    count = len(ok)
+    columns = {
+        "image_id": list(batch["image_id"]),
+        "uri": list(batch["uri"]),
+        "content_hash": text(batch["content_hash"]),
+        "width": [int(w) if good else None for w, good in zip(batch["width"], ok)],
+        "height": [int(h) if good else None for h, good in zip(batch["height"], ok)],
+        "crop_box": [[int(v) for v in box] if has else None for box, has in zip(batch["crop_box"], batch["has_crop"])],
+        "keypoints_xy": lists(pixels),
+        "keypoints_xy_normalized": lists(normalized),
+        **{name: lists(per_keypoint[name]) for name in _PER_KEYPOINT},
+        "artifact_id": [artifact_id] * count,
+        "model": [model] * count,
+        "status": ["ok" if good else "error" for good in ok],
+        "error_cause": text(batch["error_cause"]),
+        "error": text(batch["error"]),
+        "labelled_at": [datetime.now(timezone.utc)] * count,
+        "run_id": [run_id] * count,
+    }
+    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
