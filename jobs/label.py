@@ -10,7 +10,9 @@ so an interrupted run resumes and a grown bucket labels only its new images
 writes to an --output at a time. The run exits non-zero when every image it
 tried failed, or more than --max_error_fraction of them, after writing its rows
 and its summary (<output>/_summary/<run id>.json). Settings can also come from
-a YAML file (--config), flags overriding it.
+a YAML file (--config), flags overriding it. Speed: --copies_per_call (UNet
+copies per call, across a batch's images), --compile (torch.compile the UNet),
+--tta_latent (warp latents instead of images: approximate), --dtype.
 """
 
 import sys

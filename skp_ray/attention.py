@@ -6,6 +6,12 @@ at 16 x 16 and the first layer of up_blocks[2] at 32 x 32). Each one keeps its
 usual attention output and also records, per image, the token maps of an
 upsampled query grid: softmax over tokens, mean over heads. The UNet stops
 after the last captured layer, since nothing later reaches the maps.
+
+The fast capture (``fast_capture=True``, the default) computes the same maps
+without ever holding every head's upsampled probabilities: bicubic upsampling
+is a fixed linear map, applied as two small matrix products, and the softmax
+over tokens runs one (image, head) slab at a time, keeping only the tokens
+asked for. Its backward recomputes each slab instead of storing it.
 """
 
 from __future__ import annotations
@@ -69,14 +75,110 @@ class CaptureProcessor:
         return output
 
 
-def _token_maps_measure(upsample_res: int, upsample_logits: bool, token_indices: torch.Tensor | None):
+def _token_maps_measure(
+    upsample_res: int, upsample_logits: bool, token_indices: torch.Tensor | None, fast_capture: bool = False
+):
     """SPEC 1.2's measure: ``token_maps`` of the layer, then only ``token_indices`` (all tokens: None)."""
 
     def measure(attn, hidden_states, context):
+        if fast_capture and upsample_logits and attn.norm_q is None:
+            return fast_token_maps(attn, hidden_states, context, upsample_res=upsample_res, token_indices=token_indices)
         maps = token_maps(attn, hidden_states, context, upsample_res=upsample_res, upsample_logits=upsample_logits)
         return maps if token_indices is None else maps[:, token_indices]
 
     return measure
+
+
+def fast_token_maps(
+    attn: Attention,
+    hidden_states: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    upsample_res: int,
+    token_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``token_maps`` (upsampled logits) [B, T or K, res, res] with bounded memory and a cheap backward."""
+    logits = native_logits(attn, hidden_states, context)
+    upsample = bicubic_matrix(logits.shape[-1], upsample_res, dtype=logits.dtype, device=logits.device)
+    return HeadMeanSoftmax.apply(logits, upsample, token_indices)
+
+
+def native_logits(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The layer's query-key logits [B, heads, T, side, side] at its own grid (at least float32)."""
+    batch, length, _ = hidden_states.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"cannot capture maps of a non-square grid of {length} positions")
+    heads = attn.heads
+    queries = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, hw, heads, d]
+    keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
+    logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).unflatten(-1, (side, side))
+
+
+_BICUBIC_MATRICES: dict = {}
+
+
+def bicubic_matrix(size_in: int, size_out: int, *, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """[size_out, size_in]: 1-D bicubic resampling as ``F.interpolate(mode="bicubic", align_corners=False)``
+    does it, borders included (read off by resampling the unit vectors), so ``M @ X @ M.T`` upsamples X."""
+    key = (size_in, size_out, dtype, str(device))
+    if key not in _BICUBIC_MATRICES:
+        units = torch.eye(size_in, dtype=torch.float64).reshape(size_in, 1, size_in, 1)
+        columns = F.interpolate(units, size=(size_out, 1), mode="bicubic", align_corners=False)
+        _BICUBIC_MATRICES[key] = columns[:, 0, :, 0].T.to(device=device, dtype=dtype).contiguous()
+    return _BICUBIC_MATRICES[key]
+
+
+class HeadMeanSoftmax(torch.autograd.Function):
+    """Mean over heads of softmax-over-tokens of bicubically upsampled logits, for some tokens.
+
+    ``logits`` [B, H, T, s, s], ``upsample`` [R, s], ``keep`` [K] token indices
+    (None: all tokens) -> [B, K, R, R]. Only one [T, R, R] slab is upsampled at
+    a time; the backward recomputes each slab's probabilities p and uses
+    dL/dU_j = p_j (g_j - sum_k g_k p_k) (g: the output's gradient, 0 for
+    tokens not kept), then the upsampling's transpose.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, upsample, keep):
+        batch, heads = logits.shape[:2]
+        kept = logits.shape[2] if keep is None else len(keep)
+        side = len(upsample)
+        maps = logits.new_zeros(batch, kept, side, side)
+        for image in range(batch):
+            for head in range(heads):
+                exponentials, total = _slab_exponentials(logits[image, head], upsample)
+                maps[image] += (exponentials if keep is None else exponentials[keep]).div_(total)
+        ctx.save_for_backward(logits, upsample, keep)
+        return maps.div_(heads)
+
+    @staticmethod
+    def backward(ctx, grad_maps):
+        logits, upsample, keep = ctx.saved_tensors
+        heads = logits.shape[1]
+        grad_logits = torch.empty_like(logits)
+        for image in range(logits.shape[0]):
+            grad_kept = grad_maps[image] / heads
+            for head in range(heads):
+                exponentials, total = _slab_exponentials(logits[image, head], upsample)
+                probabilities = exponentials.div_(total)
+                if keep is None:
+                    weighted = grad_kept * probabilities
+                    grad_upsampled = weighted - probabilities * weighted.sum(dim=0)
+                else:
+                    weighted = grad_kept * probabilities[keep]
+                    grad_upsampled = probabilities.mul_(-weighted.sum(dim=0)).index_add_(0, keep, weighted)
+                grad_logits[image, head] = upsample.T @ grad_upsampled @ upsample
+        return grad_logits, None, None
+
+
+def _slab_exponentials(logits: torch.Tensor, upsample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's logits [T, s, s] upsampled to [T, R, R], as exp(logit - max over tokens), and their
+    sum over tokens [R, R]: the softmax is their ratio."""
+    upsampled = upsample @ logits @ upsample.T
+    exponentials = upsampled.sub_(upsampled.amax(dim=0)).exp_()
+    return exponentials, exponentials.sum(dim=0)
 
 
 def token_maps(
@@ -161,9 +263,10 @@ def capture_maps(
     upsample_logits: bool = True,
     token_indices: torch.Tensor | None = None,
     stop_early: bool = True,
+    fast_capture: bool = False,
 ):
     """``capture_attention`` of SPEC 1.2's token maps [B, T, res, res] (only ``token_indices`` when given)."""
-    measure = _token_maps_measure(upsample_res, upsample_logits, token_indices)
+    measure = _token_maps_measure(upsample_res, upsample_logits, token_indices, fast_capture)
     return capture_attention(unet, layer_names, measure, stop_early=stop_early)
 
 
@@ -198,7 +301,7 @@ def run_unet(unet: torch.nn.Module, latents, timestep, context) -> None:
 
 def attention_maps(
     diffusion: Diffusion,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     context: torch.Tensor,
     *,
     layers: Sequence[int] = (0, 1, 2, 3),
@@ -210,28 +313,35 @@ def attention_maps(
     upsample_logits: bool = True,
     stop_early: bool = True,
     image_size: int | None = None,
+    fast_capture: bool = True,
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-attention maps [B, T, R, R] of ``context`` [T, D] for images [B, 3, H, W] in [0, 1].
 
     Images are resized to ``image_size`` (the model's own, 512 for SD 1.5),
     encoded without gradient and noised to ``noise_level`` with ``noise`` or a
-    fresh draw from ``generator``. The maps keep their gradient to the context.
+    fresh draw from ``generator``; ``latents`` [B, C, h, w] (already encoded)
+    replace the images. The maps keep their gradient to the context.
     Each pixel's map sums to 1 over all T tokens; ``token_indices`` then keeps
     only those tokens (the softmax still runs over all of them).
+    ``fast_capture=False`` computes the maps the direct way (every head's
+    probabilities of every token held at once); the answers are the same up
+    to rounding.
     """
     layer_names = selected_layers(diffusion.unet, layers)
-    check_images(images)
+    if latents is None:
+        check_images(images)
     _check_context(context, diffusion.context_dim)
     if token_indices is not None:
         token_indices = torch.as_tensor(token_indices, dtype=torch.long, device=diffusion.device)
         if token_indices.numel() and not 0 <= int(token_indices.min()) <= int(token_indices.max()) < len(context):
             raise ValueError(f"token_indices must lie in 0..{len(context) - 1} (the context has {len(context)} tokens).")
 
-    images = resize_batch(images, image_size or diffusion.image_size)
-    latents = encode_images(diffusion, images)
+    if latents is None:
+        latents = encode_images(diffusion, resize_batch(images, image_size or diffusion.image_size))
     timestep = timestep_at(diffusion, noise_level)
     noisy = add_noise(diffusion, latents, timestep, noise=noise, generator=generator)
-    batch_context = context.to(device=diffusion.device, dtype=diffusion.dtype).expand(len(images), -1, -1)
+    batch_context = context.to(device=diffusion.device, dtype=diffusion.dtype).expand(len(latents), -1, -1)
 
     with capture_maps(
         diffusion.unet,
@@ -240,6 +350,7 @@ def attention_maps(
         upsample_logits=upsample_logits,
         token_indices=token_indices,
         stop_early=stop_early,
+        fast_capture=fast_capture,
     ) as per_layer:
         run_unet(diffusion.unet, noisy, timestep, batch_context)
     return torch.stack(per_layer).mean(dim=0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from skp_ray.attention import attention_maps
-from skp_ray.diffusion import Diffusion
+from skp_ray.diffusion import Diffusion, encode_images
 from skp_ray.geometry import random_affine, unwarp, warp
 from skp_ray.heatmaps import argmax_centres, check_peak_disc
 from skp_ray.images import resize_batch
@@ -81,6 +81,8 @@ def detect_keypoints(
     scale: tuple[float, float] = (0.8, 1.0),
     translate: tuple[float, float] = (0.25, 0.25),
     image_size: int | None = None,
+    copies_per_call: int | None = None,
+    tta_latent: bool = False,
     **map_options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keypoints of images [B, 3, H, W] in [0, 1] with test-time augmentation (SPEC 1.5).
@@ -94,6 +96,15 @@ def detect_keypoints(
     ``noise`` [B, A, C, h, w] (each copy's latent noise) the random noise, so
     that a run can be replayed exactly. :func:`detect_with_confidence` also
     says how sure each keypoint is.
+
+    All the call's copies (B x A) go through the UNet in calls of at most
+    ``copies_per_call`` copies (None: :func:`default_copies_per_call`); a call
+    may hold copies of several images, and the answers do not depend on it
+    (with a ``generator`` each image's noise is drawn up front, in the order
+    of one call per image; with neither ``noise`` nor ``generator`` each UNet
+    call draws from the global generator). ``tta_latent=True`` encodes each
+    image once and warps its latent instead of the image (bilinear, zero
+    padding, at the latent's side): A times fewer VAE calls, approximate.
     """
     detection = detect_with_confidence(
         diffusion,
@@ -109,6 +120,8 @@ def detect_keypoints(
         scale=scale,
         translate=translate,
         image_size=image_size,
+        copies_per_call=copies_per_call,
+        tta_latent=tta_latent,
         **map_options,
     )
     return detection.keypoints, detection.peaks
@@ -162,6 +175,8 @@ def detect_with_confidence(
     scale: tuple[float, float] = (0.8, 1.0),
     translate: tuple[float, float] = (0.25, 0.25),
     image_size: int | None = None,
+    copies_per_call: int | None = None,
+    tta_latent: bool = False,
     **map_options,
 ) -> Detection:
     """:func:`detect_keypoints` (the same options and draws) with each keypoint's confidence, from the
@@ -183,14 +198,23 @@ def detect_with_confidence(
         raise ValueError(f"thetas must be [B={len(images)}, A, 2, 3]; got {tuple(thetas.shape)}.")
     if noise is not None:
         _check_noise(noise, diffusion, thetas.shape[:2], size)
-    noises = noise if noise is not None else [None] * len(images)
+    elif generator is not None:  # the draws of one call per image: each image's A noises in turn
+        noise = torch.stack([_draw_noise(diffusion, generator, thetas.shape[1], size) for _ in range(len(images))])
+    if copies_per_call is None:
+        copies_per_call = default_copies_per_call(
+            diffusion, size, feature_upsample_res=map_options.get("feature_upsample_res", 128), kept_tokens=len(indices)
+        )
+    elif copies_per_call < 1:
+        raise ValueError(f"copies_per_call must be at least 1; got {copies_per_call}.")
 
     keypoints, peaks, own, shares = [], [], [], []
     with torch.no_grad():
-        for image, image_thetas, image_noise in zip(images, thetas, noises):
-            unwarped, covered = _unwarped_maps(
-                diffusion, image, context, indices, image_thetas, image_noise, size, generator, map_options
-            )
+        latents = _encode_in_chunks(diffusion, images, copies_per_call) if tta_latent else None
+        copy_maps = _copy_maps_per_image(
+            diffusion, images, latents, context, indices, thetas, noise, copies_per_call, size, map_options
+        )
+        for image_thetas, maps in zip(thetas, copy_maps):
+            unwarped, covered = _unwarped(maps, image_thetas, size)
             averaged = _average(unwarped, covered).cpu()
             image_keypoints, image_peaks = _locate(averaged, weighted_avg)
             keypoints.append(image_keypoints)
@@ -198,6 +222,97 @@ def detect_with_confidence(
             own.append(_own_keypoints(unwarped, covered).cpu())
             shares.append(_peak_share(averaged, image_peaks))
     return Detection(torch.stack(keypoints), torch.stack(peaks), torch.stack(own), torch.stack(shares))
+
+
+# default_copies_per_call's budget: half the free memory of the model's GPU; on the CPU, this much.
+CPU_MEMORY_BUDGET = 4 * 2**30
+# Full-size activations of one resolution level alive at once in a no-grad ResNet or attention
+# block (input, norm, activation, convolution, residual), with room for the allocator's slack.
+LIVE_ACTIVATIONS = 6
+
+
+def default_copies_per_call(
+    diffusion: Diffusion,
+    size: int,
+    *,
+    feature_upsample_res: int = 128,
+    kept_tokens: int = 10,
+    budget_bytes: int | None = None,
+) -> int:
+    """How many augmented copies of ``size``-pixel images one UNet call takes by default (at least 1).
+
+    ``budget_bytes`` (None: half the free memory of the model's GPU, or
+    ``CPU_MEMORY_BUDGET`` on the CPU) over an estimate of one copy's working
+    memory, in the model's precision: ``LIVE_ACTIVATIONS`` tensors of the
+    VAE's first level (its width x size^2, the largest activations of all)
+    and of the UNet's first level (its width x latent side^2; SDPA keeps no
+    score matrix), plus in float32 the copy's pixels (3 x size^2) and its
+    kept maps (kept_tokens x feature_upsample_res^2). Only the speed and the
+    memory depend on it, never the answers.
+    """
+    if budget_bytes is None:
+        budget_bytes = _default_budget(diffusion.device)
+    element = torch.finfo(diffusion.dtype).bits // 8
+    latent_side = size // diffusion.vae_scale_factor
+    widest = (
+        diffusion.vae.config.block_out_channels[0] * size**2
+        + diffusion.unet.config.block_out_channels[0] * latent_side**2
+    )
+    float32_parts = 3 * size**2 + kept_tokens * feature_upsample_res**2
+    per_copy = LIVE_ACTIVATIONS * element * widest + 4 * float32_parts
+    return max(1, int(budget_bytes // per_copy))
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return CPU_MEMORY_BUDGET
+
+
+def _draw_noise(diffusion: Diffusion, generator: torch.Generator, count: int, size: int) -> torch.Tensor:
+    """``count`` copies' latent noise [count, C, h, w], drawn as ``attention_maps`` draws it."""
+    side = size // diffusion.vae_scale_factor
+    shape = (count, diffusion.unet.config.in_channels, side, side)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+def _encode_in_chunks(diffusion: Diffusion, images: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([encode_images(diffusion, images[start : start + chunk]) for start in range(0, len(images), chunk)])
+
+
+def _copy_maps_per_image(diffusion, images, latents, context, indices, thetas, noise, copies_per_call, size, map_options):
+    """Each image's copies' maps of the chosen tokens [A, K, R, R], image by image, from UNet calls of
+    at most ``copies_per_call`` copies taken in order (image-major) across the images.
+
+    Copies are warped images, or with ``latents`` [B, C, h, w] warped latents."""
+    count = thetas.shape[1]
+    flat_thetas = thetas.flatten(0, 1)
+    flat_noise = None if noise is None else noise.flatten(0, 1)
+    held = []
+    for start in range(0, len(flat_thetas), copies_per_call):
+        rows = torch.arange(start, min(start + copies_per_call, len(flat_thetas)))
+        sources = rows // count  # the image each copy is of
+        options = dict(map_options, token_indices=indices, image_size=size)
+        options["noise"] = None if flat_noise is None else flat_noise[rows]
+        if latents is None:
+            copies = warp(images[sources], flat_thetas[rows].to(images)).clamp(0, 1)
+            held.append(attention_maps(diffusion, copies, context, **options))
+        else:
+            sources = sources.to(latents.device)
+            warped = warp(latents[sources].float(), flat_thetas[rows].float()).to(latents.dtype)
+            held.append(attention_maps(diffusion, None, context, latents=warped, **options))
+        while sum(len(maps) for maps in held) >= count:
+            ready = torch.cat(held)
+            held = [ready[count:]]
+            yield ready[:count]
+
+
+def _unwarped(maps: torch.Tensor, thetas: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each copy's maps [A, K, R, R] in the image frame [A, K, size, size], and the share of each
+    pixel that the copy sees [A, 1, size, size] (bilinear weights: 0 outside the copy, 1 well inside)."""
+    maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+    thetas = thetas.to(maps)
+    return unwarp(maps, thetas), unwarp(torch.ones_like(maps[:, :1]), thetas)
 
 
 def draw_augmentations(
@@ -209,6 +324,8 @@ def draw_augmentations(
     scale: tuple[float, float] = (0.8, 1.0),
     translate: tuple[float, float] = (0.25, 0.25),
     image_size: int | None = None,
+    copies_per_call: int | None = None,
+    tta_latent: bool = False,
     **map_options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``detect_keypoints`` draws from ``generator`` for one image alone: (thetas [A, 2, 3], noise [A, C, h, w]).
@@ -226,10 +343,7 @@ def draw_augmentations(
     thetas = random_affine(
         augmentation_iterations, degrees=degrees, scale=scale, translate=translate, generator=generator
     )
-    side = (image_size or diffusion.image_size) // diffusion.vae_scale_factor
-    shape = (augmentation_iterations, diffusion.unet.config.in_channels, side, side)
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)  # as add_noise draws
-    return thetas, noise
+    return thetas, _draw_noise(diffusion, generator, augmentation_iterations, image_size or diffusion.image_size)
 
 
 def _check_noise(noise: torch.Tensor, diffusion: Diffusion, images_and_copies: torch.Size, size: int) -> None:
@@ -240,26 +354,6 @@ def _check_noise(noise: torch.Tensor, diffusion: Diffusion, images_and_copies: t
             f"noise must be [B, A, C, h, w] = {list(expected)} (images, augmentations, latent channels, "
             f"latent side); got {list(noise.shape)}."
         )
-
-
-def _unwarped_maps(diffusion, image, context, indices, thetas, noise, size, generator, map_options):
-    """Each copy's maps of the chosen tokens in the image frame [A, K, size, size], and the share of each
-    pixel that the copy sees [A, 1, size, size] (bilinear weights: 0 outside the copy, 1 well inside)."""
-    thetas = thetas.to(device=image.device, dtype=image.dtype)
-    copies = warp(image.expand(len(thetas), -1, -1, -1), thetas).clamp(0, 1)
-    maps = attention_maps(
-        diffusion,
-        copies,
-        context,
-        token_indices=indices,
-        noise=noise,
-        generator=generator,
-        image_size=size,
-        **map_options,
-    )
-    maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
-    thetas = thetas.to(maps)
-    return unwarp(maps, thetas), unwarp(torch.ones_like(maps[:, :1]), thetas)
 
 
 def _average(unwarped: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:

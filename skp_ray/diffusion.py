@@ -77,6 +77,8 @@ def load_diffusion(
     revision: str | None = None,
     text_encoder: bool = True,
     local_files_only: bool | None = None,
+    channels_last_vae: bool = False,
+    compile_unet: bool = False,
 ) -> Diffusion:
     """Load a frozen Stable Diffusion model from a hub id or a local folder.
 
@@ -86,6 +88,13 @@ def load_diffusion(
     otherwise, unless ``local_files_only`` (default: ``HF_HUB_OFFLINE``), the
     hub is asked once whether the model can be fetched before downloading it,
     so a model that cannot be had fails at once with one clear error.
+
+    ``channels_last_vae`` stores the VAE encoder's weights channels-last (NHWC),
+    and ``encode_images`` then feeds it channels-last pixels: the layout
+    cuDNN's fastest convolutions want on a GPU; the same latents up to
+    rounding. ``compile_unet`` compiles, with ``torch.compile``, the UNet's
+    parts that hold no captured layer (see :func:`compile_uncaptured`); the
+    first calls then take longer while it compiles.
     """
     source = _model_source(model)
     parts = _from_folder_cache_or_hub(
@@ -94,7 +103,42 @@ def load_diffusion(
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device).eval().requires_grad_(False)
+    if channels_last_vae:
+        for module in (parts["vae"].encoder, parts["vae"].quant_conv):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if compile_unet:
+        compile_uncaptured(parts["unet"])
     return Diffusion(model_id=str(model), revision=revision, **parts)
+
+
+def compile_uncaptured(unet: UNet2DConditionModel) -> list[str]:
+    """``torch.compile`` in place the UNet's blocks that hold no captured layer; returns their names.
+
+    The captured cross-attention layers get a new processor on every map
+    capture and the last one ends the UNet call with an exception, neither of
+    which a compiled graph survives without recompiling; so a block holding a
+    captured layer stays eager and only its ResNets are compiled. The
+    uncaptured blocks (all down blocks, the mid block, the lowest up block)
+    are most of the work, the 64 x 64 level above all.
+    """
+    from skp_ray.attention import captured_layer_names  # attention imports this module
+
+    captured = captured_layer_names(unet)
+    compiled = []
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid_block", unet.mid_block)]
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for name, block in blocks:
+        if block is None:
+            continue
+        if any(layer.startswith(name + ".") for layer in captured):
+            targets = [(f"{name}.resnets.{i}", resnet) for i, resnet in enumerate(block.resnets)]
+        else:
+            targets = [(name, block)]
+        for target_name, target in targets:
+            target.compile()
+            compiled.append(target_name)
+    return compiled
 
 
 def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> None:
@@ -391,7 +435,17 @@ def encode_images(diffusion: Diffusion, images: torch.Tensor) -> torch.Tensor:
     vae = diffusion.vae
     with torch.no_grad():
         pixels = images.to(device=vae.device, dtype=vae.dtype) * 2 - 1
-        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        if _encoder_is_channels_last(vae):
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        return latents.contiguous()  # the UNet's usual layout
+
+
+def _encoder_is_channels_last(vae: AutoencoderKL) -> bool:
+    """Whether ``load_diffusion(channels_last_vae=True)`` stored the encoder channels-last (its first
+    convolution's weight [C, 3, 3, 3] tells: its strides differ between the two layouts)."""
+    weight = vae.encoder.conv_in.weight
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def timestep_at(diffusion: Diffusion, noise_level: int) -> torch.Tensor:
@@ -423,8 +477,11 @@ def add_noise(
         noise = torch.randn(latents.shape, generator=generator, device=draw_device, dtype=torch.float32)
     elif noise.shape != latents.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}; it must match the latents {tuple(latents.shape)}.")
-    noise = noise.to(device=latents.device, dtype=latents.dtype)
-    return diffusion.scheduler.add_noise(latents, noise, timestep.reshape(1).to(latents.device))
+    # At least float32: bfloat16 rounds sqrt(1 - alpha_bar) at t = 0 (0.029) to 0 and would drop the noise.
+    working = torch.promote_types(latents.dtype, torch.float32)
+    noise = noise.to(device=latents.device, dtype=working)
+    noisy = diffusion.scheduler.add_noise(latents.to(working), noise, timestep.reshape(1).to(latents.device))
+    return noisy.to(latents.dtype)
 
 
 # --- the embedded tiny model --------------------------------------------------------------

@@ -63,6 +63,7 @@ from skp_ray.images import (
     list_sources,
     load_source,
 )
+from skp_ray.latent_cache import LatentCache
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.randomness import keyed_generator
@@ -122,6 +123,12 @@ class DiscoveryConfig:
     cpus_per_worker: float = option(1.0, "CPUs per worker")
     cache_images: int = option(
         256, "decoded images (uint8, before resizing) each worker keeps in memory; the rest are read per step; 0: none"
+    )
+    cache_latents: int = option(
+        4096, "latents of untransformed images each worker keeps (encoded once; 64 KB each at 512 px); 0: none"
+    )
+    fast_capture: bool = option(
+        True, "capture maps with matrix-product upsampling and a slab-wise softmax (same maps up to rounding)"
     )
     dtype: str = option("float32", "model weights: float32, float16 or bfloat16 (the context stays float32)")
     seed: int = option(0, "every random draw derives from it")
@@ -223,8 +230,9 @@ def _check_config(config: DiscoveryConfig) -> None:
         problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
     if config.peak_disc not in PEAK_DISCS:
         problems.append(f"--peak_disc {config.peak_disc!r} is not one of {list(PEAK_DISCS)}")
-    if config.cache_images < 0:
-        problems.append(f"--cache_images must be 0 (no cache) or more (got {config.cache_images})")
+    for key in ("cache_images", "cache_latents"):
+        if getattr(config, key) < 0:
+            problems.append(f"--{key} must be 0 (no cache) or more (got {getattr(config, key)})")
     for key in ("num_steps", "num_tokens", "batch_size", "top_k", "num_indices", "checkpoint_every", "log_every"):
         if getattr(config, key) < 1:
             problems.append(f"--{key} must be at least 1 (got {getattr(config, key)})")
@@ -338,13 +346,15 @@ def _train_on_shard(
     def picks(step: int) -> list[int]:
         return order[step * share : (step + 1) * share]
 
+    latent_cache = LatentCache(config.cache_latents)
     while state.step < config.num_steps:
         started = time.perf_counter()
         pixels = shard.batch(picks(state.step))
         if state.step + 1 < config.num_steps:
             shard.prefetch(picks(state.step + 1))  # read while this step computes
         indices = [shard.indices[i] for i in picks(state.step)]
-        record = _optimizer_step(config, diffusion, pixels, indices, state, image_size)
+        latents = latent_cache.latents(diffusion, pixels, indices)
+        record = _optimizer_step(config, diffusion, pixels, latents, indices, state, image_size)
         record["images_per_s"] = config.batch_size / (time.perf_counter() - started)
         state.history.append(record)
         if loop_config["on_step"] is not None:
@@ -385,9 +395,11 @@ def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
 
 
 def _optimizer_step(
-    config, diffusion: Diffusion, images: torch.Tensor, image_indices: list[int], state: _State, size: int
+    config, diffusion: Diffusion, images: torch.Tensor, latents: torch.Tensor, image_indices: list[int],
+    state: _State, size: int,
 ) -> dict:
-    """One Adam step on this worker's images [n, 3, S, S], whose global indices key their draws."""
+    """One Adam step on this worker's images [n, 3, S, S] and their latents, whose global indices key
+    their draws."""
     thetas, noise_images, noise_transformed = _image_draws(config, diffusion, image_indices, state.step, size)
     state.optimizer.zero_grad()
     parts = training_loss(
@@ -403,6 +415,7 @@ def _optimizer_step(
         peak_disc=config.peak_disc,
         sharpening_loss_weight=config.sharpening_loss_weight,
         equivariance_attn_loss_weight=config.equivariance_attn_loss_weight,
+        latents=latents,
         **_map_options(config, size),
     )
     parts.total.backward()
@@ -455,6 +468,7 @@ def _map_options(config: DiscoveryConfig, size: int) -> dict:
         noise_level=config.noise_level,
         feature_upsample_res=config.feature_upsample_res,
         image_size=size,
+        fast_capture=config.fast_capture,
     )
 
 

@@ -10,12 +10,13 @@ The pipeline, one streaming Ray Data dataset (no stage waits for the whole input
    the ids the output already has) which of its rows still need a row, so a
    rerun resumes, a grown bucket labels only its new images and a URI listed
    twice is labelled once;
-3. CPU tasks read and decode each image, crop it as the manifest says, resize
-   it to the model's size and apply its mask, turning any failure into an
-   error row instead of an exception;
+3. CPU tasks, kept apart from the actors so they decode ahead of them, read
+   and decode each image, crop it as the manifest says, resize it to the
+   model's size and apply its mask (pixels sent on as uint8), turning any
+   failure into an error row instead of an exception;
 4. an actor pool (one GPU per actor when GPUs are used) holds the model and
-   the artifact, and runs SPEC 1.5 detection per image, the augmentations of
-   an image as one batch;
+   the artifact, and runs SPEC 1.5 detection on a whole batch in one call,
+   each image with its own augmentations;
 5. the rows are written as they come, in Parquet files of ``rows_per_file``
    rows beside any earlier ones (``skp_ray.row_store``); the summary is added up
    from this run's files, batch by batch.
@@ -32,6 +33,7 @@ import dataclasses
 import functools
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +93,14 @@ class LabelConfig:
     use_gpu: bool | None = option(None, "one GPU per actor; default: GPUs if the cluster has them")
     cpus_per_actor: float = option(1.0, "CPUs per actor when no GPUs are used")
     dtype: str = option("float32", "model weights: float32, float16 or bfloat16")
+    copies_per_call: int | None = option(
+        None, "augmented copies per UNet call, across a batch's images (default: from a memory budget)"
+    )
+    tta_latent: bool = option(False, "warp each image's latent instead of the image: one VAE call an image, approximate")
+    compile: bool = option(False, "torch.compile the UNet's uncaptured parts (the first batches take longer)")
+    channels_last_vae: bool | None = option(
+        None, "channels-last VAE encoder (same latents up to rounding); default: on for CPU actors, off on GPUs"
+    )
     seed: int = option(0, "seed of the test-time augmentations (keyed with each image's content)")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels become too_large error rows")
     alpha: str = option("white", "transparency: 'white' composites onto white, 'drop' discards it (published)")
@@ -216,12 +226,19 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     return summary
 
 
+# CPUs per decoding task, and decoding tasks in flight at most per detector actor (of the pool's maximum).
+DECODE_CPUS = 0.5
+DECODE_TASKS_PER_ACTOR = 4
+
+
 def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
     problems = []
     if config.dtype not in DTYPES:
         problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
     if config.batch_size < 1 or config.augmentation_iterations < 1:
         problems.append("--batch-size and --augmentation_iterations must be at least 1")
+    if config.copies_per_call is not None and config.copies_per_call < 1:
+        problems.append(f"--copies_per_call must be at least 1 (got {config.copies_per_call})")
     if config.rows_per_file < 1:
         problems.append(f"--rows_per_file must be at least 1 (got {config.rows_per_file})")
     if config.alpha not in ALPHA_MODES:
@@ -261,9 +278,13 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
             decode_batch,
-            fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
+            fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha, "uint8": True},
             batch_size=config.batch_size,
-            num_cpus=0.5,
+            num_cpus=DECODE_CPUS,
+            # A task pool of its own size: Ray Data fuses a task step into the next actor step when
+            # their remote args match (the actor would then decode and detect in turn) unless the
+            # task pool's size differs from the actor pool's; so decoding runs in tasks, ahead.
+            compute=ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_ACTOR * compute.max_size),
         )
         .map_batches(
             KeypointDetector,
@@ -277,7 +298,9 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     if not ray.available_resources().get("CPU"):
         print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
     to_label = functools.partial(_to_label, pending, timeout_s=config.log_every_s)
-    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
+    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm(), warnings.catch_warnings():
+        # A run with fewer batches than the decoding pool's size is not a problem worth a warning.
+        warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(decode_batch\)'")
         pipeline.write_parquet(
             path,
             filesystem=filesystem,

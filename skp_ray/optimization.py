@@ -41,6 +41,7 @@ def training_loss(
     peak_disc: str = "centred",
     sharpening_loss_weight: float = 100.0,
     equivariance_attn_loss_weight: float = 1000.0,
+    latents: torch.Tensor | None = None,
     **map_options,
 ) -> LossParts:
     """Mean over images [B, 3, H, W] of SPEC 1.3's per-image loss, differentiable in ``context``.
@@ -49,7 +50,9 @@ def training_loss(
     given), then the maps of the images and of their transformed copies, each
     UNet call with fresh noise from ``generator`` (unless ``noise``, the latent
     noise for the images and for their copies, is given). The loss options are
-    :func:`skp_ray.losses.batch_keypoint_loss`'s.
+    :func:`skp_ray.losses.batch_keypoint_loss`'s. ``latents``: the untransformed
+    images' latents, when they are already encoded (a cache); the images are
+    still needed for their transformed copies.
     """
     check_peak_disc(peak_disc)  # before the UNet runs
     size = map_options.get("image_size") or diffusion.image_size
@@ -58,7 +61,9 @@ def training_loss(
         thetas = random_affine(len(images), degrees=degrees, scale=scale, translate=translate, generator=generator)
     transformed = warp(images, thetas.to(images)).clamp(0, 1)
     noise_images, noise_transformed = noise if noise is not None else (None, None)
-    maps = attention_maps(diffusion, images, context, noise=noise_images, generator=generator, **map_options)
+    maps = attention_maps(
+        diffusion, images, context, noise=noise_images, generator=generator, latents=latents, **map_options
+    )
     maps_transformed = attention_maps(
         diffusion, transformed, context, noise=noise_transformed, generator=generator, **map_options
     )

@@ -20,14 +20,13 @@ from skp_ray.confidence import ConfidenceTally, image_score
 from skp_ray.detection import detect_keypoints, detect_with_confidence
 from skp_ray.diffusion import load_diffusion, model_location
 from skp_ray.geometry import random_affine, unwarp
-from skp_ray.images import content_hash, read_image, to_tensor
 from skp_ray.label_pictures import label_picture, least_confident_rows, show_labels
 from skp_ray.label_store import OUTPUT_SCHEMA, label_file_name, label_files, labelled_ids, read_labels
 from skp_ray.labelling import detection_generator, detection_options, run_labelling
 from skp_ray.plotting import keypoint_colours
 from skp_ray.samples import write_sample_images
 import test_labelling
-from test_labelling import config
+from test_labelling import config, job_view
 
 artifact = test_labelling.artifact  # the labelling tests' tiny artifact (a module fixture)
 
@@ -62,7 +61,9 @@ def _three_copies_one_keypoint() -> torch.Tensor:
 def test_spread_and_peak_share_of_a_hand_worked_case(monkeypatch):
     monkeypatch.setattr(detection, "attention_maps", _GivenMaps(_three_copies_one_keypoint()))
     thetas = torch.tensor(IDENTITY).expand(1, 3, 2, 3)  # every copy sees every pixel, unmoved
-    found = detect_with_confidence(_NoModel(), torch.rand(1, 3, 16, 16), torch.zeros(2, 4), [0], thetas=thetas)
+    found = detect_with_confidence(
+        _NoModel(), torch.rand(1, 3, 16, 16), torch.zeros(2, 4), [0], thetas=thetas, copies_per_call=3
+    )
     # the average peaks at (4, 4): (1 + 1 + 0.01) / 3 against (0.01 + 0.01 + 0.9) / 3 at (10, 7)
     assert found.keypoints[0, 0].tolist() == [4.5 / 16, 4.5 / 16]
     assert found.augmentation_keypoints[0, 0].tolist() == [[4.5 / 16, 4.5 / 16]] * 2 + [[10.5 / 16, 7.5 / 16]]
@@ -83,7 +84,9 @@ def test_a_copy_is_judged_only_where_it_sees_the_image(monkeypatch):
     shifted = [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
     thetas = torch.tensor([IDENTITY, shifted])[None]
     monkeypatch.setattr(detection, "attention_maps", _GivenMaps(maps))
-    found = detect_with_confidence(_NoModel(), torch.rand(1, 3, 16, 16), torch.zeros(2, 4), [0], thetas=thetas)
+    found = detect_with_confidence(
+        _NoModel(), torch.rand(1, 3, 16, 16), torch.zeros(2, 4), [0], thetas=thetas, copies_per_call=2
+    )
     covered = unwarp(torch.ones(1, 1, 16, 16), thetas[0, 1:]).squeeze() > 0
     first_row, first_col = np.argwhere(covered.numpy())[0]  # row-major, as the argmax breaks ties
     assert not covered[0, 0] or first_col > 0 or covered[:, 8:].any()
@@ -220,7 +223,7 @@ def test_labelling_rows_carry_each_keypoints_spread_and_peak_share(ray_session, 
         pa.float32()
     )
     loaded = load_artifact(artifact)
-    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False)
+    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False, channels_last_vae=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actor, so sums round alike
     try:
@@ -228,10 +231,10 @@ def test_labelling_rows_carry_each_keypoints_spread_and_peak_share(ray_session, 
             if row.status == "error":
                 assert row.keypoint_spread_px is None and row.peak_share is None
                 continue
-            decoded = read_image(row.uri)
+            pixels, digest = job_view(row.uri, loaded.settings["image_size"])
             found = detect_with_confidence(
-                diffusion, to_tensor(decoded)[None], loaded.context, loaded.token_indices, augmentation_iterations=2,
-                generator=detection_generator(7, content_hash(decoded)), **detection_options(loaded.settings),
+                diffusion, pixels, loaded.context, loaded.token_indices, augmentation_iterations=2,
+                generator=detection_generator(7, digest), **detection_options(loaded.settings),
             )  # fmt: skip
             # the spread in the image's own pixels: dy scaled by its height, dx by its width
             offsets = (found.augmentation_keypoints[0].double() - found.keypoints[0, :, None].double()).numpy()

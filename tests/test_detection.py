@@ -46,7 +46,9 @@ def test_detection_recovers_known_peaks_through_augmentation(monkeypatch):
                            generator=torch.Generator().manual_seed(0)).unflatten(0, (2, augmentations))
     fake = _FakeMaps(_blob_maps(peaks, size), thetas, res=size)
     monkeypatch.setattr(detection, "attention_maps", fake)
-    keypoints, values = detect_keypoints(_NoModel(), torch.rand(2, 3, size, size), torch.zeros(3, 4), [0, 1, 2], thetas=thetas)
+    keypoints, values = detect_keypoints(
+        _NoModel(), torch.rand(2, 3, size, size), torch.zeros(3, 4), [0, 1, 2], thetas=thetas, copies_per_call=augmentations
+    )
     assert fake.calls == [augmentations, augmentations]  # one batch per image
     assert keypoints.shape == (2, 3, 2) and values.shape == (2, 3)
     expected = torch.tensor(peaks).expand(2, -1, -1)
@@ -59,9 +61,11 @@ def test_weighted_average_finds_subpixel_peak(monkeypatch):
     peaks = [(20.3 / size, 40.7 / size)]
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(1, 1, 2, 3)
     monkeypatch.setattr(detection, "attention_maps", _FakeMaps(_blob_maps(peaks, size, sigma=2.0), identity, res=size))
-    hard, _ = detect_keypoints(_NoModel(), torch.rand(1, 3, size, size), torch.zeros(1, 4), [0], thetas=identity)
+    hard, _ = detect_keypoints(_NoModel(), torch.rand(1, 3, size, size), torch.zeros(1, 4), [0], thetas=identity, copies_per_call=1)
     monkeypatch.setattr(detection, "attention_maps", _FakeMaps(_blob_maps(peaks, size, sigma=2.0), identity, res=size))
-    soft, _ = detect_keypoints(_NoModel(), torch.rand(1, 3, size, size), torch.zeros(1, 4), [0], thetas=identity, weighted_avg=True)
+    soft, _ = detect_keypoints(
+        _NoModel(), torch.rand(1, 3, size, size), torch.zeros(1, 4), [0], thetas=identity, weighted_avg=True, copies_per_call=1
+    )
     assert hard[0, 0].tolist() == [20.5 / size, 40.5 / size]  # argmax pixel centre
     # Within 5 px of the argmax the blob is nearly symmetric about its true centre.
     torch.testing.assert_close(soft[0, 0], torch.tensor(peaks[0]), atol=0.05 / size, rtol=0)
@@ -128,7 +132,7 @@ def test_drawn_augmentations_let_images_with_their_own_generators_share_one_call
     draws = [draw_augmentations(tiny, torch.Generator().manual_seed(seed), augmentation_iterations=3, **options) for seed in seeds]
     assert draws[0][0].shape == (3, 2, 3) and draws[0][1].shape == (3, 4, 16, 16)
     thetas, noise = torch.stack([t for t, _ in draws]), torch.stack([n for _, n in draws])
-    together = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=noise, **options)
+    together = detect_keypoints(tiny, images, context, [5, 2, 7], thetas=thetas, noise=noise, copies_per_call=3, **options)
     for i, (points, peaks) in enumerate(alone):
         assert torch.equal(together[0][i], points[0]) and torch.equal(together[1][i], peaks[0])
     with pytest.raises(ValueError, match="augmentation_iterations must be at least 1"):

@@ -24,7 +24,7 @@ from PIL import Image
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.detection import detect_keypoints
 from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
-from skp_ray.images import ImageSource, content_hash, decode_batch, read_image, source_item, to_tensor
+from skp_ray.images import ImageSource, decode_batch, load_source, pixels_from_uint8, pixels_to_uint8, source_item
 from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
 from skp_ray.labelling import (
     LabelConfig,
@@ -105,9 +105,10 @@ def test_keypoints_equal_a_direct_detect_keypoints_call(ray_session, artifact, t
     run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), seed=7))
     rows = pd.read_parquet(tmp_path / "out")
     loaded = load_artifact(artifact)
-    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False)
+    # as in a CPU actor: a channels-last VAE, one thread (Ray gives a 0.5-CPU actor one), so sums round alike
+    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False, channels_last_vae=True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the actor (Ray gives it one thread), so sums round alike
+    torch.set_num_threads(1)
     try:
         direct = [detect_directly(diffusion, loaded, row.uri) for row in rows.itertuples()]
     finally:
@@ -119,11 +120,17 @@ def test_keypoints_equal_a_direct_detect_keypoints_call(ray_session, artifact, t
         np.testing.assert_allclose(row.peaks, peaks[0].numpy(), rtol=1e-5)
 
 
+def job_view(uri: str, size: int):
+    """What the job's detector gets for ``uri``: pixels at the model's size, through uint8; the content hash."""
+    loaded = load_source(ImageSource(uri), size=size)
+    return pixels_from_uint8(pixels_to_uint8(loaded.pixels))[None], loaded.content_hash
+
+
 def detect_directly(diffusion, loaded, uri):
-    decoded = read_image(uri)
+    pixels, digest = job_view(uri, loaded.settings["image_size"])
     return detect_keypoints(
-        diffusion, to_tensor(decoded)[None], loaded.context, loaded.token_indices, augmentation_iterations=2,
-        generator=detection_generator(7, content_hash(decoded)), **detection_options(loaded.settings),
+        diffusion, pixels, loaded.context, loaded.token_indices, augmentation_iterations=2,
+        generator=detection_generator(7, digest), **detection_options(loaded.settings),
     )  # fmt: skip
 
 

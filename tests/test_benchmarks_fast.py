@@ -1,0 +1,61 @@
+"""Each issue-16 benchmark's smallest setting on the tiny model: it runs and writes its JSON keys.
+
+No timing is asserted. The discovery benchmark's Ray Train scaling part is left out here (``--workers``
+with no value): starting Ray Train twice alone takes longer than this file's budget.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ["--model", "tiny", "--image_size", "64", "--repeats", "1", "--no_warm_up", "--threads", "1", "--no_results"]
+
+
+def run_benchmark(module_name: str, tmp_path: Path, *options: str) -> dict:
+    module = __import__(module_name)
+    output = tmp_path / f"{module_name}.json"
+    module.main([*SMALL, *options, "--output", str(output)])
+    return json.loads(output.read_text())
+
+
+def test_detection_speed(tmp_path):
+    result = run_benchmark("detection_speed", tmp_path, "--images", "1", "--augmentations", "2", "--tta_latent")
+    assert {"baseline", "skp_ray", "unavoidable", "capture_alone", "tta_latent"} <= set(result["figures"])
+    for key in ("speedup_vs_baseline", "detection_vs_unavoidable", "capture_share", "tta_latent_vs_baseline",
+                "tta_latent_within_2px_of_exact", "tta_latent_median_px_diff_vs_exact"):  # fmt: skip
+        assert result[key] is not None, key
+    # The same thetas and noise, float32 both: the fast path lands on the published keypoints.
+    assert result["keypoints_max_px_diff_vs_baseline"] <= 1.5
+
+
+def test_discovery_speed(tmp_path):
+    result = run_benchmark("discovery_speed", tmp_path, "--batch_size", "2", "--workers")
+    assert set(result["figures"]) == {"reference", "skp_ray"}
+    assert result["speedup_vs_reference"] > 0 and result["scaling"] is None
+    assert result["loss_abs_diff"] <= 1e-3 * abs(result["loss_reference"])
+    assert result["grad_max_abs_diff"] <= 1e-3 * result["grad_max_abs"]
+
+
+def test_flops(tmp_path):
+    result = run_benchmark("flops", tmp_path, "--augmentations", "2", "--batch_size", "2", "--peak_side", "512")
+    image = result["flops_per_image"]
+    assert image["vae_encode"] > 0 and image["unet_to_last_captured_layer"] > 0 and image["capture_counted"] > 0
+    assert image["total"] == image["detect_with_confidence_counted"] + image["capture_softmax_analytic"]
+    assert result["flops_per_step"]["total"] > result["flops_per_step"]["step_counted"] > 0
+    assert 0 < result["fraction_of_peak"]["detection"] and 0 < result["fraction_of_peak"]["discovery"]
+
+
+def test_pipeline_efficiency(tmp_path):
+    result = run_benchmark(
+        "pipeline_efficiency", tmp_path, "--images", "8", "--batch_size", "4", "--augmentations", "1",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert result["pipeline_runs"][0]["rows"] == result["direct_runs"][0]["rows"] == 8
+    assert result["efficiency"] > 0 and result["startup_s"] > 0
