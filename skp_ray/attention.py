@@ -146,9 +146,10 @@ class HeadMeanSoftmax(torch.autograd.Function):
         kept = logits.shape[2] if keep is None else len(keep)
         side = len(upsample)
         maps = logits.new_zeros(batch, kept, side, side)
+        shifted = _shifted(logits)
         for image in range(batch):
             for head in range(heads):
-                exponentials, total = _slab_exponentials(logits[image, head], upsample)
+                exponentials, total = _slab_exponentials(shifted[image, head], upsample)
                 maps[image] += (exponentials if keep is None else exponentials[keep]).div_(total)
         ctx.save_for_backward(logits, upsample, keep)
         return maps.div_(heads)
@@ -158,10 +159,11 @@ class HeadMeanSoftmax(torch.autograd.Function):
         logits, upsample, keep = ctx.saved_tensors
         heads = logits.shape[1]
         grad_logits = torch.empty_like(logits)
+        shifted = _shifted(logits)
         for image in range(logits.shape[0]):
             grad_kept = grad_maps[image] / heads
             for head in range(heads):
-                exponentials, total = _slab_exponentials(logits[image, head], upsample)
+                exponentials, total = _slab_exponentials(shifted[image, head], upsample)
                 probabilities = exponentials.div_(total)
                 if keep is None:
                     weighted = grad_kept * probabilities
@@ -173,12 +175,24 @@ class HeadMeanSoftmax(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def _slab_exponentials(logits: torch.Tensor, upsample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head's logits [T, s, s] upsampled to [T, R, R], as exp(logit - max over tokens), and their
-    sum over tokens [R, R]: the softmax is their ratio."""
-    upsampled = upsample @ logits @ upsample.T
-    exponentials = upsampled.sub_(upsampled.amax(dim=0)).exp_()
-    return exponentials, exponentials.sum(dim=0)
+def _shifted(logits: torch.Tensor) -> torch.Tensor:
+    """Logits [B, H, T, s, s] less their maximum over tokens at each native pixel. The softmax does not
+    change, and since upsampling is linear the shift carries over to the upsampled logits: no maximum
+    need be taken over the [T, R, R] slabs themselves."""
+    return logits - logits.amax(dim=2, keepdim=True)
+
+
+def _slab_exponentials(shifted: torch.Tensor, upsample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head's shifted logits [T, s, s] upsampled to [T, R, R] and exponentiated, and their sum over
+    tokens [R, R]: the softmax is their ratio."""
+    exponentials = (upsample @ shifted @ upsample.T).exp_()
+    total = exponentials.sum(dim=0)
+    if not torch.isfinite(total).all() or not (total > 0).all():
+        # the bicubic lobes took some pixel's upsampled maximum far from 0: shift by it exactly instead
+        upsampled = upsample @ shifted @ upsample.T
+        exponentials = upsampled.sub_(upsampled.amax(dim=0)).exp_()
+        total = exponentials.sum(dim=0)
+    return exponentials, total
 
 
 def token_maps(
