@@ -56,7 +56,10 @@ def uninterrupted(ray_session, images, tmp_path_factory):
 def test_two_workers_give_the_same_context_as_one(uninterrupted):
     one, two = uninterrupted[1].artifact, uninterrupted[2].artifact
     assert one.context.shape == (16, 32)
-    torch.testing.assert_close(two.context, one.context, rtol=0, atol=1e-5)
+    # Rounding only: the workers encode and capture in batches of 2, not 4 (each first latent is cached),
+    # and Adam turns a float32 difference in a near-zero gradient into up to ~2e-5 here; a wrong reduction
+    # moves the context by the learning rate's order (0.05).
+    torch.testing.assert_close(two.context, one.context, rtol=0, atol=1e-4)
     assert two.token_indices == one.token_indices
     assert two.loss_history == pytest.approx(one.loss_history, rel=1e-4)
 
