@@ -226,7 +226,10 @@ class KeypointService:
     def __init__(self, config: ServeConfig, token_digest: str | None):
         artifact = load_artifact(config.artifact)
         self.device = "cuda" if config.use_gpu else "cpu"
-        self.diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=self.device)
+        # a channels-last VAE on the CPU, as labelling's CPU actors have, so answers equal their rows
+        self.diffusion = load_artifact_model(
+            artifact, model=config.model, dtype=config.dtype, device=self.device, channels_last_vae=not config.use_gpu
+        )
         self.context = artifact.context.to(self.device)
         self.artifact, self.model = artifact, config.model or artifact.model
         self.options = detection_options(artifact.settings)

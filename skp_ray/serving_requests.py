@@ -33,7 +33,15 @@ import torch
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from skp_ray.images import ImageReadError, content_hash, decode_image, resize_batch, to_tensor
+from skp_ray.images import (
+    ImageReadError,
+    content_hash,
+    decode_image,
+    pixels_from_uint8,
+    pixels_to_uint8,
+    resize_batch,
+    to_tensor,
+)
 
 # The multipart field that carries the image.
 IMAGE_FIELD = "image"
@@ -217,12 +225,13 @@ _UPLOAD_ADVICE = {
 
 
 def decode_upload(data: bytes, name: str, limits: Limits) -> DecodedImage:
-    """Decode an upload as labelling decodes a file: ``decode_image``, then the resize to the model's side."""
+    """Decode an upload as labelling decodes a file: ``decode_image``, the resize to the model's side, and
+    the rounding to uint8 that labelling's transport makes."""
     try:
         rgb = decode_image(data, uri=name, max_pixels=limits.max_pixels, alpha=limits.alpha)
     except ImageReadError as error:
         advice = _UPLOAD_ADVICE.get(error.cause, "convert it to an RGB JPEG or PNG with another tool first")
         message = f"{name} cannot be decoded ({error.cause}{': ' + error.detail if error.detail else ''}); {advice}"
         raise RequestRefused(413 if error.cause == "too_large" else 400, error.cause, message) from None
-    pixels = resize_batch(to_tensor(rgb)[None], limits.image_size)[0]
+    pixels = pixels_from_uint8(pixels_to_uint8(resize_batch(to_tensor(rgb)[None], limits.image_size)[0]))
     return DecodedImage(rgb, pixels, content_hash(rgb))

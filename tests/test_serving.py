@@ -26,7 +26,7 @@ from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.config import typed_settings
 from skp_ray.detection import detect_keypoints
 from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
-from skp_ray.images import content_hash, decode_image, resize_batch, to_tensor
+from skp_ray.images import content_hash, decode_image, pixels_from_uint8, pixels_to_uint8, resize_batch, to_tensor
 from skp_ray.labelling import LabelConfig, detection_generator, detection_options, run_labelling
 from skp_ray.serving import ServeConfig, app_from_args, build_app, check_settings, deployment_options
 
@@ -117,9 +117,10 @@ def anonymous():
 
 @pytest.fixture(scope="module")
 def direct(artifact):
-    """``detect_keypoints`` run here as the replica runs it (one thread, as Ray gives a 0.5-CPU replica)."""
+    """``detect_keypoints`` run here as the replica runs it (one thread, as Ray gives a 0.5-CPU replica; a
+    channels-last VAE on the CPU; the pixels rounded to uint8 as labelling's transport rounds them)."""
     loaded = load_artifact(artifact)
-    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False)
+    diffusion = load_diffusion(model_location(loaded.model), device="cpu", text_encoder=False, channels_last_vae=True)
 
     def detect(data: bytes, seed: int, iterations: int):
         decoded = decode_image(data)
@@ -127,7 +128,8 @@ def direct(artifact):
         torch.set_num_threads(1)
         try:
             points, peaks = detect_keypoints(
-                diffusion, resize_batch(to_tensor(decoded)[None], 128), loaded.context, loaded.token_indices,
+                diffusion, pixels_from_uint8(pixels_to_uint8(resize_batch(to_tensor(decoded)[None], 128))),
+                loaded.context, loaded.token_indices,
                 augmentation_iterations=iterations, generator=detection_generator(seed, content_hash(decoded)),
                 **detection_options(loaded.settings),
             )  # fmt: skip
