@@ -134,10 +134,10 @@ class HeadMeanSoftmax(torch.autograd.Function):
     """Mean over heads of softmax-over-tokens of bicubically upsampled logits, for some tokens.
 
     ``logits`` [B, H, T, s, s], ``upsample`` [R, s], ``keep`` [K] token indices
-    (None: all tokens) -> [B, K, R, R]. Only one [T, R, R] slab is upsampled at
-    a time; the backward recomputes each slab's probabilities p and uses
-    dL/dU_j = p_j (g_j - sum_k g_k p_k) (g: the output's gradient, 0 for
-    tokens not kept), then the upsampling's transpose.
+    (None: all tokens) -> [B, K, R, R]. Only a block of one head's upsampled
+    rows [T, rows, R] exists at a time; the backward recomputes each block's
+    probabilities p and uses dL/dU_j = p_j (g_j - sum_k g_k p_k) (g: the
+    output's gradient, 0 for tokens not kept), then the upsampling's transpose.
     """
 
     @staticmethod
@@ -149,8 +149,8 @@ class HeadMeanSoftmax(torch.autograd.Function):
         shifted = _shifted(logits)
         for image in range(batch):
             for head in range(heads):
-                exponentials, total = _slab_exponentials(shifted[image, head], upsample)
-                maps[image] += (exponentials if keep is None else exponentials[keep]).div_(total)
+                for rows, exponentials, total in _slab_blocks(shifted[image, head], upsample):
+                    maps[image, :, rows] += (exponentials if keep is None else exponentials[keep]).div_(total)
         ctx.save_for_backward(logits, upsample, keep)
         return maps.div_(heads)
 
@@ -163,15 +163,18 @@ class HeadMeanSoftmax(torch.autograd.Function):
         for image in range(logits.shape[0]):
             grad_kept = grad_maps[image] / heads
             for head in range(heads):
-                exponentials, total = _slab_exponentials(shifted[image, head], upsample)
-                probabilities = exponentials.div_(total)
-                if keep is None:
-                    weighted = grad_kept * probabilities
-                    grad_upsampled = weighted - probabilities * weighted.sum(dim=0)
-                else:
-                    weighted = grad_kept * probabilities[keep]
-                    grad_upsampled = probabilities.mul_(-weighted.sum(dim=0)).index_add_(0, keep, weighted)
-                grad_logits[image, head] = upsample.T @ grad_upsampled @ upsample
+                # dL/dX = M^T G M for U = M X M^T, the first product added up block of rows by block
+                grad_columns = logits.new_zeros(logits.shape[2], logits.shape[3], len(upsample))  # [T, s, R]
+                for rows, exponentials, total in _slab_blocks(shifted[image, head], upsample):
+                    probabilities = exponentials.div_(total)
+                    if keep is None:
+                        weighted = grad_kept[:, rows] * probabilities
+                        grad_upsampled = weighted - probabilities * weighted.sum(dim=0)
+                    else:
+                        weighted = grad_kept[:, rows] * probabilities[keep]
+                        grad_upsampled = probabilities.mul_(-weighted.sum(dim=0)).index_add_(0, keep, weighted)
+                    grad_columns += upsample[rows].T @ grad_upsampled
+                grad_logits[image, head] = grad_columns @ upsample
         return grad_logits, None, None
 
 
@@ -182,17 +185,28 @@ def _shifted(logits: torch.Tensor) -> torch.Tensor:
     return logits - logits.amax(dim=2, keepdim=True)
 
 
-def _slab_exponentials(shifted: torch.Tensor, upsample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head's shifted logits [T, s, s] upsampled to [T, R, R] and exponentiated, and their sum over
-    tokens [R, R]: the softmax is their ratio."""
-    exponentials = (upsample @ shifted @ upsample.T).exp_()
-    total = exponentials.sum(dim=0)
-    if not torch.isfinite(total).all() or not (total > 0).all():
-        # the bicubic lobes took some pixel's upsampled maximum far from 0: shift by it exactly instead
-        upsampled = upsample @ shifted @ upsample.T
-        exponentials = upsampled.sub_(upsampled.amax(dim=0)).exp_()
+# The bytes of one block of upsampled rows [T, rows, R]: small enough to stay in a CPU's cache, so the
+# exponentials, their sum and the kept tokens are read there instead of in passes over all of [T, R, R].
+SLAB_BLOCK_BYTES = 8 * 2**20
+
+
+def _slab_blocks(shifted: torch.Tensor, upsample: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """One head's shifted logits [T, s, s] upsampled to [T, R, R] and exponentiated, a block of rows at a
+    time: (the rows, their exponentials [T, rows, R], their sum over tokens [rows, R]); the softmax is the
+    ratio, left to the caller so that it divides only the tokens it keeps."""
+    tokens, side = len(shifted), len(upsample)
+    columns = shifted @ upsample.T  # [T, s, R]: the upsampling's second product, shared by every block
+    step = max(1, SLAB_BLOCK_BYTES // (tokens * side * shifted.element_size()))
+    for start in range(0, side, step):
+        rows = slice(start, start + step)
+        exponentials = (upsample[rows] @ columns).exp_()
         total = exponentials.sum(dim=0)
-    return exponentials, total
+        if not torch.isfinite(total).all() or not (total > 0).all():
+            # the bicubic lobes took some pixel's upsampled maximum far from 0: shift by it exactly instead
+            upsampled = upsample[rows] @ columns
+            exponentials = upsampled.sub_(upsampled.amax(dim=0)).exp_()
+            total = exponentials.sum(dim=0)
+        yield rows, exponentials, total
 
 
 def token_maps(

@@ -39,8 +39,11 @@ def _direct_head_mean(logits, upsample_res, keep):
     return maps if keep is None else maps[:, keep]
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1, 5 * 9 * 8 * 4], ids=["one block", "row by row", "blocks of 4 rows"])
 @pytest.mark.parametrize("keep", [None, [3, 0, 3]])
-def test_head_mean_softmax_forward_and_gradient_equal_autograd_of_the_direct_path(keep):
+def test_head_mean_softmax_forward_and_gradient_equal_autograd_of_the_direct_path(keep, block_bytes, monkeypatch):
+    if block_bytes is not None:  # 5 tokens x 9 columns of float64: blocks of 1 or 4 of the 9 rows
+        monkeypatch.setattr("skp_ray.attention.SLAB_BLOCK_BYTES", block_bytes)
     generator = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 5, 4, 4, dtype=torch.float64, generator=generator) * 3
     keep_tensor = None if keep is None else torch.tensor(keep)
@@ -56,6 +59,22 @@ def test_head_mean_softmax_forward_and_gradient_equal_autograd_of_the_direct_pat
 
     torch.testing.assert_close(fast, direct, rtol=0, atol=1e-12)
     torch.testing.assert_close(fast_input.grad, direct_input.grad, rtol=0, atol=1e-12)
+
+
+def test_head_mean_softmax_survives_logits_whose_upsampled_lobes_overflow_the_exponential(monkeypatch):
+    # float32 exp overflows above about 88: bicubic overshoot of a 0 / 2000 checkerboard goes far past it
+    monkeypatch.setattr("skp_ray.attention.SLAB_BLOCK_BYTES", 1)
+    board = (torch.arange(4)[:, None] + torch.arange(4)) % 2 * 2000.0
+    logits = torch.stack([board, 2000 - board, torch.zeros(4, 4)])[None, None]  # [1, 1, 3, 4, 4]
+    upsample = bicubic_matrix(4, 9)
+    shifted = logits[0, 0, 0] - logits[0, 0].amax(dim=0)  # 0 or -2000, as the fast path shifts it
+    assert float((upsample @ shifted @ upsample.T).amax()) > 88
+    fast = HeadMeanSoftmax.apply(logits, upsample, None)
+    direct = _direct_head_mean(logits.double(), 9, None)
+    assert torch.isfinite(fast).all()
+    # logits near 2000 carry float32 rounding of 1.2e-4, which moves the probabilities by as much
+    torch.testing.assert_close(fast, direct.float(), rtol=0, atol=2e-4)
+    assert float((fast - direct).abs().mean()) < 1e-5
 
 
 def test_head_mean_softmax_gradient_passes_finite_differences():
