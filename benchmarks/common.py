@@ -243,6 +243,18 @@ def header(result: dict, settings: str) -> str:
     )
 
 
+# The captured layers the benchmarks' artifacts and captures use: all four of SD 1.5's (SPEC 1.2).
+LAYERS = (0, 1, 2, 3)
+
+
+def benchmark_main(script: str, arguments, run, section, argv=None) -> dict:
+    """A benchmark's whole run: parse ``argv``, ``run`` it, then ``finish`` with its ``section``."""
+    args = arguments(argv)
+    result = run(args)
+    finish(args, script, result, section(result))
+    return result
+
+
 def finish(args: argparse.Namespace, script: str, result: dict, text: str) -> None:
     """Print the JSON and the section; write ``--output``; append the section to RESULTS.md unless ``--no_results``."""
     print(json.dumps(result, indent=2, default=str))

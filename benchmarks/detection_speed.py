@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from common import (
+    LAYERS,
+    benchmark_main,
     published_unet_maps,
     base_arguments,
     build_model,
     check_common,
-    finish,
     fmt_ratio,
     has_parameter,
     header,
@@ -62,7 +63,6 @@ from skp_ray.diffusion import DTYPES, Diffusion, add_noise, encode_images, times
 from skp_ray.geometry import unwarp, warp
 from skp_ray.heatmaps import argmax_centres
 
-LAYERS = (0, 1, 2, 3)
 
 
 def arguments(argv=None) -> argparse.Namespace:
@@ -297,10 +297,7 @@ def section(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = arguments(argv)
-    result = run(args)
-    finish(args, "detection_speed.py", result, section(result))
-    return result
+    return benchmark_main("detection_speed.py", arguments, run, section, argv)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 
 from common import (
+    LAYERS,
+    benchmark_main,
     base_arguments,
     build_model,
     check_common,
-    finish,
     fmt_ratio,
     has_parameter,
     header,
@@ -63,7 +64,6 @@ from skp_ray.geometry import random_affine, warp
 from skp_ray.losses import batch_keypoint_loss
 from skp_ray.optimization import training_loss
 
-LAYERS = (0, 1, 2, 3)
 
 
 def loss_options(tokens: int) -> dict:
@@ -262,10 +262,7 @@ def section(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = arguments(argv)
-    result = run(args)
-    finish(args, "discovery_speed.py", result, section(result))
-    return result
+    return benchmark_main("discovery_speed.py", arguments, run, section, argv)
 
 
 if __name__ == "__main__":

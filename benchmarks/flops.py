@@ -42,10 +42,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import detection_speed
 import discovery_speed
 from common import (
+    LAYERS,
+    benchmark_main,
     base_arguments,
     build_model,
     check_common,
-    finish,
     gpu_peak_flops,
     has_parameter,
     header,
@@ -60,7 +61,6 @@ from common import (
 from skp_ray.attention import selected_layers
 from skp_ray.diffusion import DTYPES, encode_images
 
-LAYERS = detection_speed.LAYERS
 # Element-wise FLOPs a token of the capture's softmax (see the module's text).
 SOFTMAX_PER_TOKEN = 4
 SOFTMAX_PER_KEPT_TOKEN = 2
@@ -257,10 +257,7 @@ def section(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = arguments(argv)
-    result = run(args)
-    finish(args, "flops.py", result, section(result))
-    return result
+    return benchmark_main("flops.py", arguments, run, section, argv)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
 """How much of the detector's speed the labelling job keeps: jobs/label.py against the detector called directly.
 
-    python benchmarks/pipeline_efficiency.py [--model tiny|sd15] [--image_size 128] [--images 48] [--batch_size 8]
+    python benchmarks/pipeline_efficiency.py [--model tiny|sd15] [--image_size 128] [--images 800] [--batch_size 8]
         [--augmentations 2] [--cpus_per_actor 1] [--copies_per_call N] [--tta_latent] [--dtype float32]
-        [--repeats 1] [--device cpu|cuda] [--output run.json] [--no_results]
+        [--clusters own running] [--repeats 1] [--device cpu|cuda] [--output run.json] [--no_results]
 
 N rendered sample images are written as PNGs with a random artifact (what its
 tokens are does not change the cost). Then, ``--repeats`` times, alternating
 which goes first:
-- the pipeline: ``jobs/label.py`` as a user runs it (its own local Ray; one actor
-  of ``--cpus_per_actor`` CPUs, or one GPU), on the folder. From the rows'
-  ``labelled_at`` (stamped as each batch leaves the detector): the start-up, job
-  start to the first rows, and the steady rate, the rows after the first batch
-  over the time from the first batch's stamp to the last's;
+- the pipeline: ``jobs/label.py`` as a user runs it (one actor of
+  ``--cpus_per_actor`` CPUs, or one GPU) on the folder, once starting its own
+  local Ray (``own``) and once joining a Ray cluster that is already up
+  (``running``, through ``RAY_ADDRESS``, as under ``ray job submit``). From the
+  rows' ``labelled_at`` (stamped as each batch leaves the detector): the
+  start-up, job start to the first rows; the steady rate, the rows of the
+  second half of the batches over their time (by then Ray has started the
+  worker processes the run needs); and the rate after the first batch;
 - direct: the same images decoded by the job's own ``decode_batch``, then the
   job's ``KeypointDetector`` called on them in this process, batch by batch,
   with the same options and as many torch threads as Ray gives the actor
-  (``--cpus_per_actor``, at least 1); steady rate likewise after the first batch.
-Efficiency = pipeline steady images/s / direct images/s (medians).
+  (``--cpus_per_actor``, at least 1); its rates likewise.
+Efficiency = pipeline steady images/s / direct steady images/s (medians).
 
 ``--model sd15`` writes SD 1.5's UNet and VAE shapes with random weights as a
 pipeline folder (about 3.7 GB) and labels with it. Prints the JSON
@@ -35,17 +38,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from common import (
+    LAYERS,
+    benchmark_main,
     REPO,
     base_arguments,
     build_model,
     check_common,
-    finish,
     fmt_ratio,
     header,
     load_line,
@@ -65,7 +71,7 @@ from skp_ray.samples import write_sample_images
 def arguments(argv=None) -> argparse.Namespace:
     parser = base_arguments(__doc__, image_size=128)
     parser.set_defaults(repeats=1)
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=800, help="enough batches for a steady second half")
     parser.add_argument("--batch_size", type=int, default=8, help="the job's --batch_size (images per actor call)")
     parser.add_argument("--augmentations", type=int, default=2)
     parser.add_argument("--tokens", type=int, help="context length (default: 500 for sd15, 16 for tiny)")
@@ -74,13 +80,15 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--cpus_per_actor", type=float, default=1.0)
     parser.add_argument("--copies_per_call", type=int, help="the job's --copies_per_call")
     parser.add_argument("--tta_latent", action="store_true", help="the job's --tta_latent")
+    parser.add_argument("--clusters", nargs="+", default=["own", "running"], choices=["own", "running"],
+                        help="own: the job starts its local Ray; running: it joins one already up")
     parser.add_argument("--workdir", help="where the images, artifact and outputs go; default: a temporary folder")
     args = parser.parse_args(argv)
     check_common(parser, args)
     args.tokens = args.tokens or num_tokens(args.model)
     args.feature_upsample_res = args.feature_upsample_res or args.image_size // 4
-    if args.images < 2 * args.batch_size:
-        parser.error("--images must be at least 2 x --batch_size: the steady rate is measured after the first batch")
+    if args.images < 4 * args.batch_size:
+        parser.error("--images must be at least 4 x --batch_size: the steady rate is measured on the second half")
     return args
 
 
@@ -118,7 +126,7 @@ def random_artifact(args, workdir: Path, model: str, width: int) -> Path:
     step = max(1, args.tokens // args.keypoints)
     indices = list(range(0, args.tokens, step))[: args.keypoints]
     settings = dict(image_size=args.image_size, feature_upsample_res=args.feature_upsample_res,
-                    layers=[0, 1, 2, 3], noise_level=-1)  # fmt: skip
+                    layers=list(LAYERS), noise_level=-1)  # fmt: skip
     folder = workdir / "artifact"
     save_artifact(KeypointArtifact(context, indices, model=model, settings=settings), str(folder))
     return folder
@@ -128,7 +136,7 @@ def label_config(args, artifact: Path, images: Path, output: Path) -> LabelConfi
     return LabelConfig(
         artifact=str(artifact), input=str(images), output=str(output), augmentation_iterations=args.augmentations,
         batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, dtype=args.dtype,
-        use_gpu=args.device == "cuda", rows_per_file=args.batch_size, progress=False, **job_options(args),
+        use_gpu=args.device == "cuda", progress=False, **job_options(args),
     )  # fmt: skip
 
 
@@ -149,18 +157,26 @@ def command_line(config: LabelConfig) -> list[str]:
 # --- the two paths ------------------------------------------------------------------------------
 
 
-def steady(stamps: list[float], rows_per_stamp: list[int]) -> float | None:
-    """Rows after the first batch over the time from the first batch's end to the last's."""
-    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
-        return None
-    return sum(rows_per_stamp[1:]) / (stamps[-1] - stamps[0])
+def rates(stamps: list[float], rows_per_stamp: list[int]) -> dict:
+    """Images/s from the batches' end times: ``steady``, the second half of the batches over their time,
+    and ``after_first``, every batch after the first over the time since the first ended."""
+
+    def rate(first: int) -> float | None:
+        if len(stamps) - first < 2 or stamps[-1] <= stamps[first]:
+            return None
+        return sum(rows_per_stamp[first + 1 :]) / (stamps[-1] - stamps[first])
+
+    return dict(images_per_s=rate(len(stamps) // 2), after_first_images_per_s=rate(0))
 
 
-def pipeline_run(config: LabelConfig, log: Path) -> dict:
+def pipeline_run(config: LabelConfig, log: Path, address: str | None = None) -> dict:
+    """``jobs/label.py`` in a process of its own: starting its own Ray, or joining the one at ``address``."""
+    environment = dict(os.environ, RAY_AUTH_MODE="disabled")
+    if address:
+        environment["RAY_ADDRESS"] = address
     started = time.time()
     with log.open("w") as sink:
-        finished = subprocess.run(command_line(config), stdout=sink, stderr=subprocess.STDOUT, cwd=REPO,
-                                  env=dict(os.environ, RAY_AUTH_MODE="disabled"))  # fmt: skip
+        finished = subprocess.run(command_line(config), stdout=sink, stderr=subprocess.STDOUT, cwd=REPO, env=environment)
     wall = time.time() - started
     if finished.returncode:
         raise SystemExit(f"jobs/label.py failed ({finished.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
@@ -169,9 +185,23 @@ def pipeline_run(config: LabelConfig, log: Path) -> dict:
         raise SystemExit(f"jobs/label.py wrote error rows; its log: {log}")
     counts = stamps.groupby("labelled_at").size().sort_index()
     times = [stamp.timestamp() for stamp in counts.index]
-    return dict(startup_s=times[0] - started, images_per_s=steady(times, counts.tolist()), wall_s=wall,
+    return dict(startup_s=times[0] - started, **rates(times, counts.tolist()), wall_s=wall,
                 rows=int(counts.sum()), batches=len(times),
                 batch_stamps_s=[round(t - started, 3) for t in times], rows_per_stamp=counts.tolist())  # fmt: skip
+
+
+@contextmanager
+def running_cluster():
+    """The address of a Ray cluster that is up before the job starts: this process's own if it has one
+    (a test session's), else a local one started here for the run and shut down after it."""
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init()
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        if owned:
+            ray.shutdown()
 
 
 class _Counter:
@@ -206,7 +236,7 @@ def direct_run(detector: KeypointDetector, batches: list[dict], device: str) -> 
             torch.cuda.synchronize()
         stamps.append(time.time())
         counts.append(table.num_rows)
-    return dict(images_per_s=steady(stamps, counts), rows=sum(counts))
+    return dict(**rates(stamps, counts), rows=sum(counts))
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -227,29 +257,41 @@ def run(args: argparse.Namespace) -> dict:
         batches = decoded_batches(images, args)
         print(f"{args.images} images, batch {args.batch_size}, {args.augmentations} augmentations, "
               f"{threads} torch thread(s) direct", flush=True)  # fmt: skip
-        pipeline, direct = [], []
+        paths = ["direct", *args.clusters]
+        runs = {path: [] for path in paths}
         for repeat in range(args.repeats):
-            order = ["direct", "pipeline"] if repeat % 2 == 0 else ["pipeline", "direct"]
-            for name in order:
-                if name == "direct":
-                    direct.append(direct_run(detector, batches, args.device))
+            for path in paths if repeat % 2 == 0 else paths[::-1]:
+                if path == "direct":
+                    runs[path].append(direct_run(detector, batches, args.device))
                 else:
-                    output = workdir / f"labels-{repeat}"
-                    pipeline.append(pipeline_run(label_config(args, artifact, images, output), workdir / f"job-{repeat}.log"))
-                print(f"  {name}: {(direct if name == 'direct' else pipeline)[-1]}", flush=True)
+                    config = label_config(args, artifact, images, workdir / f"labels-{path}-{repeat}")
+                    log = workdir / f"job-{path}-{repeat}.log"
+                    with running_cluster() if path == "running" else nullcontext() as address:
+                        runs[path].append(pipeline_run(config, log, address))
+                print(f"  {path}: {runs[path][-1]}", flush=True)
     shape = "embedded tiny SD-1.5-shaped model (skp_ray/tiny-sd15)" if args.model == "tiny" else \
         "SD 1.5 UNet and VAE shapes (random weights, written as a pipeline folder)"
-    pipeline_rate = statistics.median(run["images_per_s"] or 0 for run in pipeline)
-    direct_rate = statistics.median(run["images_per_s"] or 0 for run in direct)
+
+    def median(path: str, key: str) -> float:
+        return statistics.median(run[key] or 0 for run in runs[path])
+
+    steady = {path: median(path, "images_per_s") for path in paths}
     return run_facts(args, shape, load_before) | dict(
         images=args.images, batch_size=args.batch_size, augmentations=args.augmentations, tokens=args.tokens,
         keypoints=args.keypoints, feature_upsample_res=args.feature_upsample_res,
         cpus_per_actor=args.cpus_per_actor, direct_torch_threads=threads, job_options=job_options(args),
-        pipeline_runs=pipeline, direct_runs=direct,
-        pipeline_images_per_s=pipeline_rate, direct_images_per_s=direct_rate,
-        efficiency=ratio(pipeline_rate, direct_rate),
-        startup_s=statistics.median(run["startup_s"] for run in pipeline),
+        runs=runs, images_per_s=steady,
+        after_first_images_per_s={path: median(path, "after_first_images_per_s") for path in paths},
+        efficiency={path: ratio(steady[path], steady["direct"]) for path in args.clusters},
+        startup_s={path: median(path, "startup_s") for path in args.clusters},
     )  # fmt: skip
+
+
+PATH_NAMES = {
+    "direct": "direct (`KeypointDetector` in one process)",
+    "own": "`jobs/label.py`, starting its own local Ray",
+    "running": "`jobs/label.py`, joining a running Ray cluster",
+}
 
 
 def section(result: dict) -> str:
@@ -258,23 +300,23 @@ def section(result: dict) -> str:
         f"{result['images']} sample PNGs, batch {result['batch_size']}, {result['augmentations']} augmentations, "
         f"{result['tokens']} tokens, K = {result['keypoints']}, maps at {result['feature_upsample_res']}; one actor "
         f"x {result['cpus_per_actor']:g} CPU, direct with {result['direct_torch_threads']} torch thread(s); "
-        f"{options}; medians of {result['repeats']} alternated repetitions, each rate after its run's first batch"
+        f"{options}; medians of {result['repeats']} alternated repetitions"
     )
     lines = [
-        "| path | images / s (steady, after the first batch) | start-up (job start to first rows) |",
-        "| --- | --- | --- |",
-        f"| direct (`KeypointDetector` in one process) | {result['direct_images_per_s']:.3g} | - |",
-        f"| `jobs/label.py` | {result['pipeline_images_per_s']:.3g} | {result['startup_s']:.1f} s |",
+        "| path | images / s, steady (second half of the batches) | images / s after the first batch | "
+        "efficiency (steady / direct) | start-up (job start to first rows) |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    notes = f"Efficiency (pipeline steady / direct): {fmt_ratio(result['efficiency'])}."
-    return f"{header(result, settings)}\n\n" + "\n".join(lines) + f"\n\n{notes}\n"
+    for path, rate in result["images_per_s"].items():
+        efficiency = fmt_ratio(result["efficiency"][path]) if path in result["efficiency"] else "-"
+        startup = f"{result['startup_s'][path]:.1f} s" if path in result["startup_s"] else "-"
+        lines.append(f"| {PATH_NAMES[path]} | {rate:.3g} | {result['after_first_images_per_s'][path]:.3g} | "
+                     f"{efficiency} | {startup} |")  # fmt: skip
+    return f"{header(result, settings)}\n\n" + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
-    args = arguments(argv)
-    result = run(args)
-    finish(args, "pipeline_efficiency.py", result, section(result))
-    return result
+    return benchmark_main("pipeline_efficiency.py", arguments, run, section, argv)
 
 
 if __name__ == "__main__":

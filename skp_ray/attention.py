@@ -105,15 +105,20 @@ def fast_token_maps(
 
 def native_logits(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The layer's query-key logits [B, heads, T, side, side] at its own grid (at least float32)."""
-    batch, length, _ = hidden_states.shape
+    side = grid_side(hidden_states)
+    queries = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # [B, hw, heads, d]
+    keys = attn.to_k(context).unflatten(-1, (attn.heads, -1))  # [B, T, heads, d]
+    logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).unflatten(-1, (side, side))
+
+
+def grid_side(hidden_states: torch.Tensor) -> int:
+    """The side of the square grid of a layer's input [B, side * side, C]."""
+    length = hidden_states.shape[1]
     side = math.isqrt(length)
     if side * side != length:
         raise ValueError(f"cannot capture maps of a non-square grid of {length} positions")
-    heads = attn.heads
-    queries = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, hw, heads, d]
-    keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
-    logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).unflatten(-1, (side, side))
+    return side
 
 
 _BICUBIC_MATRICES: dict = {}
@@ -218,20 +223,15 @@ def token_maps(
     upsample_logits: bool = True,
 ) -> torch.Tensor:
     """Per-image token maps [B, T, res, res] of one cross-attention layer (at least float32)."""
-    batch, length, channels = hidden_states.shape
-    side = math.isqrt(length)
-    if side * side != length:
-        raise ValueError(f"cannot capture maps of a non-square grid of {length} positions")
+    batch, _, channels = hidden_states.shape
     heads = attn.heads
-    keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
-    grid = hidden_states.transpose(1, 2).reshape(batch, channels, side, side)
-
     if upsample_logits and attn.norm_q is None:
-        queries = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, hw, heads, d]
-        logits = torch.einsum("bnhd,bthd->bhtn", queries, keys) * attn.scale
-        logits = logits.reshape(batch * heads, -1, side, side)
-        logits = _bicubic(logits, upsample_res).reshape(batch, heads, -1, upsample_res**2)
+        logits = native_logits(attn, hidden_states, context)  # [B, heads, T, side, side]
+        logits = _bicubic(logits.flatten(0, 1), upsample_res).unflatten(0, (batch, heads)).flatten(-2)
     else:
+        side = grid_side(hidden_states)
+        grid = hidden_states.transpose(1, 2).reshape(batch, channels, side, side)
+        keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
         features = _bicubic(grid, upsample_res).flatten(2).transpose(1, 2)  # [B, res*res, C]
         queries = attn.to_q(features)
         if attn.norm_q is not None:

@@ -10,7 +10,7 @@ The pipeline, one streaming Ray Data dataset (no stage waits for the whole input
    the ids the output already has) which of its rows still need a row, so a
    rerun resumes, a grown bucket labels only its new images and a URI listed
    twice is labelled once;
-3. CPU tasks, kept apart from the actors so they decode ahead of them, read
+3. CPU actors of their own (``ImageDecoder``), ahead of the detectors, read
    and decode each image, crop it as the manifest says, resize it to the
    model's size and apply its mask (pixels sent on as uint8), turning any
    failure into an error row instead of an exception;
@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,9 +225,11 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     return summary
 
 
-# CPUs per decoding task, and decoding tasks in flight at most per detector actor (of the pool's maximum).
-DECODE_CPUS = 0.5
-DECODE_TASKS_PER_ACTOR = 4
+# Decoding actors at most per detector actor (of the pool's maximum). They claim no CPU, as GPU
+# detectors do not: the repartition before them runs in tasks of a whole CPU, which a standing claim
+# of theirs beside a one-CPU detector would leave no room for on a two-CPU node (a deadlock, seen).
+DECODE_CPUS = 0
+DECODERS_PER_DETECTOR = 2
 
 
 def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
@@ -277,14 +278,13 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
         # batch's rows leave the actor (and reach a file) as soon as it is labelled.
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
-            decode_batch,
-            fn_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha, "uint8": True},
+            ImageDecoder,
+            fn_constructor_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
             batch_size=config.batch_size,
             num_cpus=DECODE_CPUS,
-            # A task pool of its own size: Ray Data fuses a task step into the next actor step when
-            # their remote args match (the actor would then decode and detect in turn) unless the
-            # task pool's size differs from the actor pool's; so decoding runs in tasks, ahead.
-            compute=ray.data.TaskPoolStrategy(size=DECODE_TASKS_PER_ACTOR * compute.max_size),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=compute.min_size, max_size=DECODERS_PER_DETECTOR * compute.max_size
+            ),
         )
         .map_batches(
             KeypointDetector,
@@ -298,9 +298,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     if not ray.available_resources().get("CPU"):
         print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
     to_label = functools.partial(_to_label, pending, timeout_s=config.log_every_s)
-    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm(), warnings.catch_warnings():
-        # A run with fewer batches than the decoding pool's size is not a problem worth a warning.
-        warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(decode_batch\)'")
+    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
         pipeline.write_parquet(
             path,
             filesystem=filesystem,
@@ -316,6 +314,19 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     ray.kill(counter)
     ray.kill(pending)
     return totals, snapshot["working_seconds"]
+
+
+class ImageDecoder:
+    """Decodes batches for the detectors (``decode_batch``, pixels as uint8), ahead of them and in processes
+    of their own that live for the run. Decoding tasks would not: on a small node Ray ends a task worker
+    that idles a second, and the next batch waited ~2 s for a new one to import torch (measured on 2
+    cores: a new decoding process every ~6 batches, the detector stalled each time)."""
+
+    def __init__(self, size: int, max_pixels: int, alpha: str):
+        self.options = {"size": size, "max_pixels": max_pixels, "alpha": alpha, "uint8": True}
+
+    def __call__(self, batch: dict) -> dict:
+        return decode_batch(batch, **self.options)
 
 
 def _to_label(pending, timeout_s: float | None = None) -> int:

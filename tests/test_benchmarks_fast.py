@@ -54,8 +54,10 @@ def test_flops(tmp_path):
 
 def test_pipeline_efficiency(tmp_path):
     result = run_benchmark(
-        "pipeline_efficiency", tmp_path, "--images", "8", "--batch_size", "4", "--augmentations", "1",
+        "pipeline_efficiency", tmp_path, "--images", "16", "--batch_size", "4", "--augmentations", "1",
         "--workdir", str(tmp_path),
     )  # fmt: skip
-    assert result["pipeline_runs"][0]["rows"] == result["direct_runs"][0]["rows"] == 8
-    assert result["efficiency"] > 0 and result["startup_s"] > 0
+    runs = result["runs"]
+    assert runs["own"][0]["rows"] == runs["running"][0]["rows"] == runs["direct"][0]["rows"] == 16
+    assert result["efficiency"]["own"] > 0 and result["efficiency"]["running"] > 0
+    assert result["startup_s"]["running"] > 0 and result["startup_s"]["own"] > 0

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from skp_ray.attention import capture_attention, run_unet, selected_layers
+from skp_ray.attention import capture_attention, grid_side, run_unet, selected_layers
 from skp_ray.diffusion import Diffusion, add_noise, encode_images
 from skp_ray.images import resize_batch
 
@@ -110,11 +110,7 @@ def token_probability_map(
 ) -> torch.Tensor:
     """One layer's map [B, out_side, out_side] of ``token``: softmax over tokens at the layer's own grid,
     mean over the kept heads, bilinear upsampling. Computed in at least float32."""
-    batch, length, _ = hidden_states.shape
-    side = math.isqrt(length)
-    if side * side != length:
-        raise ValueError(f"cannot take maps of a non-square grid of {length} positions")
-    heads = attn.heads
+    batch, side, heads = len(hidden_states), grid_side(hidden_states), attn.heads
     queries = attn.to_q(hidden_states).unflatten(-1, (heads, -1))  # [B, n, heads, d]
     keys = attn.to_k(context).unflatten(-1, (heads, -1))  # [B, T, heads, d]
     if attn.norm_q is not None:
