@@ -190,8 +190,9 @@ def _shifted(logits: torch.Tensor) -> torch.Tensor:
     return logits - logits.amax(dim=2, keepdim=True)
 
 
-# The bytes of one block of upsampled rows [T, rows, R]: small enough to stay in a CPU's cache, so the
-# exponentials, their sum and the kept tokens are read there instead of in passes over all of [T, R, R].
+# The bytes of one block of upsampled rows [T, rows, R], so a slab's working memory stays bounded at
+# any map side (SD 1.5 at 128: 32 of 128 rows, instead of 33 MB a slab). Measured on an SD 1.5 layer,
+# 2-core CPU: detection's forward unchanged, forward and backward about 15 % faster than whole slabs.
 SLAB_BLOCK_BYTES = 8 * 2**20
 
 

@@ -225,9 +225,9 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     return summary
 
 
-# Decoding actors at most per detector actor (of the pool's maximum). They claim no CPU, as GPU
-# detectors do not: the repartition before them runs in tasks of a whole CPU, which a standing claim
-# of theirs beside a one-CPU detector would leave no room for on a two-CPU node (a deadlock, seen).
+# Decoding actors at most per detector actor (of the pool's maximum). Like GPU detectors, they claim no
+# CPU: the repartition before them runs in tasks of a whole CPU, for which a standing claim of theirs
+# beside a one-CPU detector would leave no room on a two-CPU node (a deadlock, seen).
 DECODE_CPUS = 0
 DECODERS_PER_DETECTOR = 2
 
