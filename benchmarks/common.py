@@ -40,6 +40,8 @@ from skp_ray.diffusion import (  # noqa: E402
 # The learned context's length SPEC 1.1 uses; the capture's softmax runs over all of it.
 SD15_TOKENS = 500
 TINY_TOKENS = 16
+# The captured layers the benchmarks' artifacts and captures use: all four of SD 1.5's (SPEC 1.2).
+LAYERS = (0, 1, 2, 3)
 
 # Dense (no sparsity) spec peaks of NVIDIA's H100 SXM and H200 (the same GH100 compute), in FLOP/s:
 # bf16/fp16 tensor cores 989.4 T, tf32 tensor cores 494.7 T, fp32 without tensor cores 66.9 T.
@@ -241,10 +243,6 @@ def header(result: dict, settings: str) -> str:
         f"device: {result['device']}; model: {result['model_shape']} at {result['image_size']} px, "
         f"{result['dtype']}; {settings}; machine {result['load_before']} before, {result['load_after']} after"
     )
-
-
-# The captured layers the benchmarks' artifacts and captures use: all four of SD 1.5's (SPEC 1.2).
-LAYERS = (0, 1, 2, 3)
 
 
 def benchmark_main(script: str, arguments, run, section, argv=None) -> dict:

@@ -158,8 +158,8 @@ def command_line(config: LabelConfig) -> list[str]:
 
 
 def rates(stamps: list[float], rows_per_stamp: list[int]) -> dict:
-    """Images/s from the batches' end times: ``steady``, the second half of the batches over their time,
-    and ``after_first``, every batch after the first over the time since the first ended."""
+    """Images/s from the batches' end times: ``images_per_s`` (steady), the second half of the batches over
+    their time, and ``after_first_images_per_s``, every batch after the first over the time since it ended."""
 
     def rate(first: int) -> float | None:
         if len(stamps) - first < 2 or stamps[-1] <= stamps[first]:
