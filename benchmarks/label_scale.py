@@ -39,9 +39,9 @@ import torch
 from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, save_artifact
-from skp_ray.diffusion import TINY_MODEL
 from skp_ray.label_store import OUTPUT_SCHEMA, label_file_name
 from skp_ray.labelling import image_id
+from skp_ray.model_source import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -60,11 +60,11 @@ from common import (
     run_facts,
 )
 from skp_ray.artifact import KeypointArtifact, save_artifact
-from skp_ray.diffusion import TINY_MODEL
 from skp_ray.images import DEFAULT_MAX_PIXELS, ImageSource, decode_batch, list_images, source_item
 from skp_ray.label_detector import KeypointDetector
 from skp_ray.label_store import read_labels
 from skp_ray.labelling import LabelConfig, image_id
+from skp_ray.model_source import TINY_MODEL
 from skp_ray.samples import write_sample_images
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 from ray import serve
 
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
-from skp_ray.diffusion import TINY_MODEL
+from skp_ray.model_source import TINY_MODEL
 from skp_ray.serving import ServeConfig, build_app
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -9,7 +9,9 @@ An artifact is a folder, local or at any fsspec URL (``s3://``, ``gs://``):
   ``loss.png`` and ``keypoints.png``).
 
 ``artifact.json`` is written last, so a folder without it is not (yet) an
-artifact. No pickle is involved anywhere. The content hash covers exactly what
+artifact. ``check_artifact`` reads one with numpy only (a job's driver checks
+the artifact before Ray starts, and importing torch would add seconds to its
+start-up); ``load_artifact`` gives the context as a torch tensor. No pickle is involved anywhere. The content hash covers exactly what
 detection uses (the context values and the token indices), so two artifacts
 with the same hash give the same keypoints.
 """
@@ -20,28 +22,39 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "skp_ray.keypoint_artifact/1"
 ARTIFACT_FILE = "artifact.json"
 CONTEXT_FILE = "context.safetensors"
 
+# SPEC 1.1's image side, for artifacts that do not record theirs.
+DEFAULT_IMAGE_SIZE = 512
+
 
 @dataclass
 class KeypointArtifact:
-    context: torch.Tensor  # [num_tokens, width]
+    context: torch.Tensor | np.ndarray  # [num_tokens, width]: a tensor from load_artifact, numpy from check_artifact
     token_indices: list[int]  # the keypoint tokens, most often picked first
     model: str
     revision: str | None = None
     settings: dict = field(default_factory=dict)
     loss_history: list[float] = field(default_factory=list)
     images: dict = field(default_factory=dict)  # counts: used, skipped by cause, used for token selection
+
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, of the images the artifact was learned on."""
+        return self.settings.get("image_size") or DEFAULT_IMAGE_SIZE
 
     @property
     def content_hash(self) -> str:
@@ -53,9 +66,9 @@ class KeypointArtifact:
         return self.content_hash.removeprefix("sha256:")[:16]
 
 
-def content_hash(context: torch.Tensor, token_indices: list[int]) -> str:
+def content_hash(context: torch.Tensor | np.ndarray, token_indices: list[int]) -> str:
     """sha256 over the context's shape and float32 little-endian values, then the indices as JSON."""
-    values = context.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4")
+    values = _float32_values(context)
     digest = hashlib.sha256()
     digest.update(json.dumps(list(values.shape)).encode())
     digest.update(values.tobytes())
@@ -78,7 +91,7 @@ def save_artifact(artifact: KeypointArtifact, folder: str, *, files: Mapping[str
     _check_indices(artifact.token_indices, len(artifact.context), folder)
     fs, path = fsspec.core.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
-    context = artifact.context.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    context = _float32_values(artifact.context)
     record = {
         "format": FORMAT,
         "id": artifact.id,
@@ -99,7 +112,16 @@ def save_artifact(artifact: KeypointArtifact, folder: str, *, files: Mapping[str
 
 
 def load_artifact(folder: str) -> KeypointArtifact:
-    """Read an artifact folder; checks that the context and indices still match the recorded hash."""
+    """Read an artifact folder, the context as a float32 torch tensor; checks it as ``check_artifact`` does."""
+    import torch
+
+    artifact = check_artifact(folder)
+    return replace(artifact, context=torch.from_numpy(artifact.context))
+
+
+def check_artifact(folder: str) -> KeypointArtifact:
+    """Read an artifact folder without torch, the context as float32 numpy; checks that the context and
+    indices still match the recorded hash."""
     fs, path = fsspec.core.url_to_fs(folder)
     record_path = posixpath.join(path, ARTIFACT_FILE)
     if not fs.exists(record_path):
@@ -128,7 +150,14 @@ def load_artifact(folder: str) -> KeypointArtifact:
     return artifact
 
 
-def _read_context(fs, context_path: str, folder: str) -> torch.Tensor:
+def _float32_values(context) -> np.ndarray:
+    """A torch tensor's or an array's values as contiguous little-endian float32 numpy, on the CPU."""
+    if hasattr(context, "detach"):
+        context = context.detach().cpu().float().numpy()
+    return np.ascontiguousarray(context, dtype="<f4")
+
+
+def _read_context(fs, context_path: str, folder: str) -> np.ndarray:
     """The context tensor of ``context.safetensors``; a missing or damaged file is named in the error."""
     try:
         data = fs.cat_file(context_path)

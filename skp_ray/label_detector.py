@@ -14,17 +14,14 @@ import torch
 
 from skp_ray.artifact import KeypointArtifact, load_artifact
 from skp_ray.detection import detect_with_confidence, draw_augmentations
-from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, model_location
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion
 from skp_ray.images import pixels_from_uint8
 from skp_ray.label_store import OUTPUT_SCHEMA
+from skp_ray.model_source import model_location
 from skp_ray.randomness import keyed_generator
 
 if TYPE_CHECKING:
     from skp_ray.labelling import LabelConfig
-
-# SPEC 1.1's image side, for artifacts that do not record theirs.
-DEFAULT_IMAGE_SIZE = 512
-
 
 def detection_options(settings: dict) -> dict:
     """``detect_keypoints`` options matching the discovery run's maps and augmentations (SPEC 1.5)."""

@@ -42,25 +42,18 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 
-from skp_ray.artifact import load_artifact
+from skp_ray.artifact import check_artifact
 from skp_ray.confidence import DEFAULT_MAX_SPREAD_PX, ConfidenceTally
 from skp_ray.config import checked, option
-from skp_ray.diffusion import DTYPES, check_model, model_location
-from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, absolute_uri, decode_batch
-from skp_ray.label_detector import (
-    DEFAULT_IMAGE_SIZE,
-    KeypointDetector,
-    detection_generator,
-    detection_options,
-    load_artifact_model,
-)
+from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, ImageDecoder, absolute_uri
 from skp_ray.label_resume import PendingImages, pending_sources
 from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, read_labels
 from skp_ray.lease import OutputLease
+from skp_ray.model_source import DTYPE_NAMES, check_model, model_location
 from skp_ray.progress import ProgressCounter, ProgressLog
+from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
 from skp_ray.source_dataset import LISTING_BATCH_ROWS, SourceInput, find_input, image_id
-from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 
 __all__ = [
     "LabelConfig",
@@ -69,10 +62,6 @@ __all__ = [
     "run_labelling",
     "read_labels",
     "OUTPUT_SCHEMA",
-    "DEFAULT_IMAGE_SIZE",
-    "detection_generator",
-    "detection_options",
-    "load_artifact_model",
     "image_id",
 ]
 
@@ -205,7 +194,7 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     started = time.perf_counter()
     config = checked(config)
     compute = _check_settings(config)
-    artifact = load_artifact(config.artifact)
+    artifact = check_artifact(config.artifact)
     check_model(model_location(config.model or artifact.model), revision=None if config.model else artifact.revision)
     output = absolute_uri(config.output)
     run_id = uuid.uuid4().hex[:12]
@@ -234,8 +223,8 @@ DECODERS_PER_DETECTOR = 2
 
 def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
     problems = []
-    if config.dtype not in DTYPES:
-        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    if config.dtype not in DTYPE_NAMES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPE_NAMES)}")
     if config.batch_size < 1 or config.augmentation_iterations < 1:
         problems.append("--batch-size and --augmentation_iterations must be at least 1")
     if config.copies_per_call is not None and config.copies_per_call < 1:
@@ -262,7 +251,6 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     if config.use_gpu:
         wait_for_gpus(1, timeout_s=config.gpu_wait_s, what="the labelling actors")
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
-    image_size = artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE
     counter, pending = ProgressCounter.remote(), PendingImages.remote(files, config.retry_errors)
     detector_options = {"config": config, "run_id": run_id, "counter": counter, "on_batch": on_batch}
     pipeline = (
@@ -279,7 +267,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
         .repartition(target_num_rows_per_block=config.batch_size)
         .map_batches(
             ImageDecoder,
-            fn_constructor_kwargs={"size": image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
+            fn_constructor_kwargs={"size": artifact.image_size, "max_pixels": config.max_pixels, "alpha": config.alpha},
             batch_size=config.batch_size,
             num_cpus=DECODE_CPUS,
             compute=ray.data.ActorPoolStrategy(
@@ -287,7 +275,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
             ),
         )
         .map_batches(
-            KeypointDetector,
+            DetectorActor,
             fn_constructor_kwargs=detector_options,
             batch_size=config.batch_size,
             compute=compute,
@@ -316,17 +304,17 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     return totals, snapshot["working_seconds"]
 
 
-class ImageDecoder:
-    """Decodes batches for the detectors (``decode_batch``, pixels as uint8), ahead of them and in processes
-    of their own that live for the run. Decoding tasks would not: on a small node Ray ends a task worker
-    that idles a second, and the next batch waited ~2 s for a new one to import torch (measured on 2
-    cores: a new decoding process every ~6 batches, the detector stalled each time)."""
+class DetectorActor:
+    """``label_detector.KeypointDetector``, imported where the actor runs: so the driver, which hands Ray Data
+    this class, never imports torch and diffusers (about 5 s of a job's start-up on 2 cores)."""
 
-    def __init__(self, size: int, max_pixels: int, alpha: str):
-        self.options = {"size": size, "max_pixels": max_pixels, "alpha": alpha, "uint8": True}
+    def __init__(self, **options):
+        from skp_ray.label_detector import KeypointDetector
 
-    def __call__(self, batch: dict) -> dict:
-        return decode_batch(batch, **self.options)
+        self.detector = KeypointDetector(**options)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return self.detector(batch)
 
 
 def _to_label(pending, timeout_s: float | None = None) -> int:

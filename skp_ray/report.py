@@ -27,7 +27,7 @@ from PIL import Image
 from skp_ray.artifact import KeypointArtifact
 from skp_ray.attention import attention_maps
 from skp_ray.images import ImageSource, load_source, resize_batch
-from skp_ray.label_detector import DEFAULT_IMAGE_SIZE, detection_options, load_artifact_model
+from skp_ray.label_detector import detection_options, load_artifact_model
 from skp_ray.plotting import (
     draw_keypoints,
     heatmap_overlay,
@@ -129,7 +129,7 @@ def _token_maps(artifact, views: torch.Tensor, config) -> torch.Tensor:
 def _maps_on_device(artifact, views: torch.Tensor, config, device: str) -> torch.Tensor:
     diffusion = load_artifact_model(artifact, model=config.model, dtype=config.dtype, device=device)
     options = {key: value for key, value in detection_options(artifact.settings).items() if key in _MAP_OPTIONS}
-    size = options.get("image_size") or DEFAULT_IMAGE_SIZE
+    size = artifact.image_size
     context = artifact.context.to(device)
     maps = []
     with torch.no_grad():

@@ -46,9 +46,10 @@ from starlette.exceptions import HTTPException
 from skp_ray.artifact import load_artifact
 from skp_ray.config import checked, option, typed_settings
 from skp_ray.detection import detect_with_confidence, draw_augmentations
-from skp_ray.diffusion import DTYPES, check_model, model_location
+from skp_ray.diffusion import DTYPES
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS
-from skp_ray.label_detector import DEFAULT_IMAGE_SIZE, detection_generator, detection_options, load_artifact_model
+from skp_ray.label_detector import detection_generator, detection_options, load_artifact_model
+from skp_ray.model_source import check_model, model_location
 from skp_ray.plotting import draw_keypoints
 from skp_ray.ray_cluster import connect, parse_pool_sizes
 from skp_ray.serving_requests import (
@@ -233,7 +234,7 @@ class KeypointService:
         self.context = artifact.context.to(self.device)
         self.artifact, self.model = artifact, config.model or artifact.model
         self.options = detection_options(artifact.settings)
-        self.limits = _limits(config, artifact.settings.get("image_size") or DEFAULT_IMAGE_SIZE)
+        self.limits = _limits(config, artifact.image_size)
         self.token_digest, self.max_batch_size = token_digest, config.max_batch_size
         self.batch_sizes: Counter[int] = Counter()
         self.refusals: Counter[str] = Counter()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from skp_ray.artifact import KeypointArtifact, content_hash, load_artifact, save_artifact
+from skp_ray.artifact import KeypointArtifact, check_artifact, content_hash, load_artifact, save_artifact
 
 
 def make_artifact(seed: int = 0) -> KeypointArtifact:
@@ -58,3 +58,15 @@ def test_indices_outside_the_context_are_refused(tmp_path):
     artifact.token_indices = [6]
     with pytest.raises(ValueError, match="within 0..5"):
         save_artifact(artifact, str(tmp_path))
+
+
+def test_check_artifact_reads_the_same_artifact_without_torch(tmp_path):
+    artifact = make_artifact()
+    save_artifact(artifact, str(tmp_path))
+    checked = check_artifact(str(tmp_path))
+    assert isinstance(checked.context, np.ndarray) and checked.context.dtype == np.float32
+    np.testing.assert_array_equal(checked.context, artifact.context.numpy())
+    assert checked.id == artifact.id and checked.image_size == 512  # SPEC 1.1's side: none recorded
+    (tmp_path / "context.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="damaged"):
+        check_artifact(str(tmp_path))

@@ -18,11 +18,13 @@ import skp_ray.detection as detection
 from skp_ray.artifact import load_artifact
 from skp_ray.confidence import ConfidenceTally, image_score
 from skp_ray.detection import detect_keypoints, detect_with_confidence
-from skp_ray.diffusion import load_diffusion, model_location
+from skp_ray.diffusion import load_diffusion
 from skp_ray.geometry import random_affine, unwarp
+from skp_ray.label_detector import detection_generator, detection_options
 from skp_ray.label_pictures import label_picture, least_confident_rows, show_labels
 from skp_ray.label_store import OUTPUT_SCHEMA, label_file_name, label_files, labelled_ids, read_labels
-from skp_ray.labelling import detection_generator, detection_options, run_labelling
+from skp_ray.labelling import run_labelling
+from skp_ray.model_source import model_location
 from skp_ray.plotting import keypoint_colours
 from skp_ray.samples import write_sample_images
 import test_labelling

@@ -7,16 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from skp_ray.diffusion import (
-    TINY_MODEL,
-    ModelNotFoundError,
     add_noise,
     default_tiny_model,
     encode_images,
     load_diffusion,
     make_tiny_diffusion,
-    model_location,
     timestep_at,
 )
+from skp_ray.model_source import TINY_MODEL, ModelNotFoundError, model_location
 
 
 def test_tiny_model_has_sd15_topology(tiny):

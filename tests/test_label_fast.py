@@ -9,10 +9,10 @@ from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, save_artifact
 from skp_ray.config import parse_settings
-from skp_ray.diffusion import TINY_MODEL
 from skp_ray.images import ImageSource, decode_batch, pixels_from_uint8, source_item
 from skp_ray.label_detector import KeypointDetector, _channels_last_vae
 from skp_ray.labelling import LabelConfig, run_labelling
+from skp_ray.model_source import TINY_MODEL
 from skp_ray.samples import write_sample_images
 
 pytestmark = pytest.mark.timeout(600)
@@ -126,9 +126,10 @@ def test_labelled_rows_equal_direct_detection_on_the_rounded_pixels(ray_session,
 
     from skp_ray.artifact import load_artifact
     from skp_ray.detection import detect_keypoints
-    from skp_ray.diffusion import load_diffusion, model_location
+    from skp_ray.diffusion import load_diffusion
     from skp_ray.images import content_hash, load_source, pixels_to_uint8, read_image
-    from skp_ray.labelling import detection_generator, detection_options
+    from skp_ray.label_detector import detection_generator, detection_options
+    from skp_ray.model_source import model_location
 
     write_sample_images(tmp_path / "in", n=3, size=100, seed=5)
     config = LabelConfig(artifact=artifact, input=str(tmp_path / "in"), output=str(tmp_path / "out"), seed=7,

@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, save_artifact
-from skp_ray.diffusion import TINY_MODEL
 from skp_ray.label_resume import PendingImages
 from skp_ray.label_store import OUTPUT_SCHEMA, label_file_name, label_files, read_labels
 from skp_ray.labelling import LabelConfig, run_labelling
+from skp_ray.model_source import TINY_MODEL
 from skp_ray.progress import ProgressLog
 from skp_ray.source_dataset import source_dataset
 

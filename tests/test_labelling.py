@@ -23,18 +23,13 @@ from PIL import Image
 
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
+from skp_ray.diffusion import load_diffusion
 from skp_ray.images import ImageSource, decode_batch, load_source, pixels_from_uint8, pixels_to_uint8, source_item
+from skp_ray.label_detector import detection_generator, detection_options
 from skp_ray.label_store import OUTPUT_SCHEMA, read_labels
-from skp_ray.labelling import (
-    LabelConfig,
-    LabellingFailed,
-    detection_generator,
-    detection_options,
-    image_id,
-    run_labelling,
-)
+from skp_ray.labelling import LabelConfig, LabellingFailed, image_id, run_labelling
 from skp_ray.lease import LeaseHeldError, OutputLease
+from skp_ray.model_source import TINY_MODEL, ModelNotFoundError, model_location
 from skp_ray.ray_cluster import parse_actors, quiet_cpu_alarm
 from skp_ray.samples import write_sample_images
 

@@ -25,9 +25,11 @@ from ray.serve.schema import ServeDeploySchema
 from skp_ray.artifact import KeypointArtifact, load_artifact, save_artifact
 from skp_ray.config import typed_settings
 from skp_ray.detection import detect_keypoints
-from skp_ray.diffusion import TINY_MODEL, ModelNotFoundError, load_diffusion, model_location
+from skp_ray.diffusion import load_diffusion
 from skp_ray.images import content_hash, decode_image, pixels_from_uint8, pixels_to_uint8, resize_batch, to_tensor
-from skp_ray.labelling import LabelConfig, detection_generator, detection_options, run_labelling
+from skp_ray.label_detector import detection_generator, detection_options
+from skp_ray.labelling import LabelConfig, run_labelling
+from skp_ray.model_source import TINY_MODEL, ModelNotFoundError, model_location
 from skp_ray.serving import ServeConfig, app_from_args, build_app, check_settings, deployment_options
 
 REPO = Path(__file__).resolve().parents[1]

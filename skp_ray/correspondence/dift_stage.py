@@ -27,8 +27,9 @@ from skp_ray.correspondence.feature_cache import FeatureCache, image_key
 from skp_ray.correspondence.features import dift_features, draw_dift_noise, encode_prompt
 from skp_ray.correspondence.matching import match_points
 from skp_ray.correspondence.pair_rows import PairError, PairRows, check_failed, check_size, query_pixels, write_pair_rows
-from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, load_unet_weights, model_location
+from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, load_unet_weights
 from skp_ray.images import ImageSource, absolute_uri, decode_batch, source_item
+from skp_ray.model_source import model_location
 from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import quiet_cpu_alarm

@@ -57,9 +57,10 @@ from skp_ray.correspondence.ldm_stage import (
 from skp_ray.correspondence.match_store import MATCHES
 from skp_ray.correspondence.pairs import build_pairs, read_pairs
 from skp_ray.correspondence.report import PCK_REFERENCES, write_report
-from skp_ray.diffusion import DIFT_MODEL, DTYPES, NUM_INFERENCE_STEPS, check_model, check_unet_weights, model_location
+from skp_ray.diffusion import DTYPES, NUM_INFERENCE_STEPS, check_unet_weights
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, absolute_uri
 from skp_ray.lease import OutputLease
+from skp_ray.model_source import DIFT_MODEL, check_model, model_location
 from skp_ray.ray_cluster import connect, parse_actors, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, done_ids, failure_lines, row_files, run_failure, write_summary
 

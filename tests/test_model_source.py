@@ -1,0 +1,62 @@
+"""The model check that jobs' drivers run before Ray starts: what it refuses, and that the driver's modules
+import neither torch nor diffusers."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from skp_ray.model_source import ModelNotFoundError, check_model
+
+
+def test_a_complete_pipeline_folder_passes(tiny_model_path):
+    check_model(tiny_model_path)
+
+
+@pytest.mark.parametrize("damage", ["no scheduler config", "vae config not JSON", "no unet weights"])
+def test_a_damaged_pipeline_folder_is_refused_naming_what_is_wrong(tiny_model_path, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path, folder)
+    if damage == "no scheduler config":
+        (folder / "scheduler" / "scheduler_config.json").unlink()
+        cause = "scheduler/scheduler_config.json is missing"
+    elif damage == "vae config not JSON":
+        (folder / "vae" / "config.json").write_text("{not json")
+        cause = "vae/config.json is not JSON"
+    else:
+        for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
+            weights.unlink()
+        cause = "unet/ holds no diffusion_pytorch_model weights"
+    with pytest.raises(ModelNotFoundError, match="must hold model_index.json") as error:
+        check_model(folder)
+    assert cause in str(error.value)
+
+
+def test_a_model_index_is_read_as_json(tiny_model_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_path, folder)
+    (folder / "model_index.json").write_text("")
+    with pytest.raises(ModelNotFoundError, match="model_index.json is not JSON"):
+        check_model(folder)
+
+
+def test_the_labelling_driver_checks_everything_without_torch_or_diffusers(tiny_model_path, tmp_path):
+    """The driver's start-up: its modules, the artifact check and the model check, none importing torch."""
+    import torch
+
+    from skp_ray.artifact import KeypointArtifact, save_artifact
+
+    save_artifact(KeypointArtifact(torch.zeros(4, 8), [1], model=str(tiny_model_path)), str(tmp_path / "artifact"))
+    script = (
+        "import sys\n"
+        "import skp_ray.labelling, skp_ray.config\n"
+        "from skp_ray.artifact import check_artifact\n"
+        "from skp_ray.model_source import check_model\n"
+        f"artifact = check_artifact({str(tmp_path / 'artifact')!r})\n"
+        "check_model(artifact.model)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "[]"
