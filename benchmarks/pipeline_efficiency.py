@@ -41,6 +41,8 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the job and the running cluster started here must agree
+
 import numpy as np
 import ray
 import torch
@@ -171,7 +173,7 @@ def rates(stamps: list[float], rows_per_stamp: list[int]) -> dict:
 
 def pipeline_run(config: LabelConfig, log: Path, address: str | None = None) -> dict:
     """``jobs/label.py`` in a process of its own: starting its own Ray, or joining the one at ``address``."""
-    environment = dict(os.environ, RAY_AUTH_MODE="disabled")
+    environment = dict(os.environ)
     if address:
         environment["RAY_ADDRESS"] = address
     started = time.time()
