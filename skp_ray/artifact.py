@@ -11,9 +11,10 @@ An artifact is a folder, local or at any fsspec URL (``s3://``, ``gs://``):
 ``artifact.json`` is written last, so a folder without it is not (yet) an
 artifact. ``check_artifact`` reads one with numpy only (a job's driver checks
 the artifact before Ray starts, and importing torch would add seconds to its
-start-up); ``load_artifact`` gives the context as a torch tensor. No pickle is involved anywhere. The content hash covers exactly what
-detection uses (the context values and the token indices), so two artifacts
-with the same hash give the same keypoints.
+start-up); ``load_artifact`` gives the context as a torch tensor. No pickle is
+involved anywhere. The content hash covers exactly what detection uses (the
+context values and the token indices), so two artifacts with the same hash give
+the same keypoints.
 """
 
 from __future__ import annotations
