@@ -12,9 +12,9 @@ _EXPORTS = {
     "correspondence": ["correspondence_pck", "dift_features", "locate_point", "match_points", "optimize_point_contexts"],
     "detection": ["count_token_picks", "detect_keypoints", "detect_with_confidence", "select_keypoint_tokens"],
     "diffusion": ["Diffusion", "load_diffusion", "make_tiny_diffusion"],
-    "model_source": ["ModelNotFoundError"],
     "geometry": ["random_affine", "unwarp", "warp"],
     "losses": ["equivariance_loss", "sharpening_loss"],
+    "model_source": ["ModelNotFoundError"],
     "optimization": ["optimize_context", "training_loss"],
     "selection": ["furthest_point_sampling", "top_k_gaussian"],
 }

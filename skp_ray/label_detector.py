@@ -23,6 +23,7 @@ from skp_ray.randomness import keyed_generator
 if TYPE_CHECKING:
     from skp_ray.labelling import LabelConfig
 
+
 def detection_options(settings: dict) -> dict:
     """``detect_keypoints`` options matching the discovery run's maps and augmentations (SPEC 1.5)."""
     options = dict(
