@@ -5,6 +5,8 @@ with no value): starting Ray Train twice alone takes longer than this file's bud
 """
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,16 @@ def test_pipeline_efficiency(tmp_path):
     assert runs["own"][0]["rows"] == runs["running"][0]["rows"] == runs["direct"][0]["rows"] == 16
     assert result["efficiency"]["own"] > 0 and result["efficiency"]["running"] > 0
     assert result["startup_s"]["running"] > 0 and result["startup_s"]["own"] > 0
+
+
+def test_gpu_suite_smoke_runs_every_step(tmp_path):
+    """The GPU machine's one prepared script, with --smoke on this CPU: every step runs and leaves its JSON."""
+    environment = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path), "--smoke"], env=environment, check=True,
+                   capture_output=True, timeout=280)  # fmt: skip
+    statuses = dict(line.split(": exit ") for line in (tmp_path / "summary.txt").read_text().splitlines())
+    assert list(statuses) == ["device", "cuda_tests", "detection_float32", "discovery_float32", "flops", "detection_bfloat16"]
+    assert all(status.startswith("0 ") for status in statuses.values()), statuses
+    assert json.loads((tmp_path / "flops.json").read_text())["fraction_of_peak"]["detection"] > 0
+    assert json.loads((tmp_path / "detection_bfloat16.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "RESULTS-new.md").read_text() == ""  # smoke runs append nothing to RESULTS.md
