@@ -23,11 +23,12 @@ overriding it.
 
 import sys
 
-from skp_ray.config import parse_settings
+from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.correspondence.job import CorrespondConfig, CorrespondenceFailed, run_correspondence
 
 if __name__ == "__main__":
-    try:
-        run_correspondence(CorrespondConfig(**parse_settings(CorrespondConfig, sys.argv[1:], description=__doc__)))
-    except CorrespondenceFailed as failure:
-        sys.exit(str(failure))
+    with refusals_as_messages("correspond"):
+        try:
+            run_correspondence(CorrespondConfig(**parse_settings(CorrespondConfig, sys.argv[1:], description=__doc__)))
+        except CorrespondenceFailed as failure:
+            sys.exit(str(failure))

@@ -14,9 +14,9 @@ model needs one, is read from HF_TOKEN.
 
 import sys
 
-from skp_ray.config import parse_settings
+from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.discovery import DiscoveryConfig, discovery_config, run_discovery
 
 if __name__ == "__main__":
-    settings = parse_settings(DiscoveryConfig, sys.argv[1:], description=__doc__)
-    run_discovery(discovery_config(settings))
+    with refusals_as_messages("discover"):
+        run_discovery(discovery_config(parse_settings(DiscoveryConfig, sys.argv[1:], description=__doc__)))

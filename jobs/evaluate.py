@@ -14,8 +14,9 @@ into --output. Settings can also come from a YAML file (--config).
 
 import sys
 
-from skp_ray.config import parse_settings
+from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.evaluation import EvaluateConfig, run_evaluation
 
 if __name__ == "__main__":
-    run_evaluation(EvaluateConfig(**parse_settings(EvaluateConfig, sys.argv[1:], description=__doc__)))
+    with refusals_as_messages("evaluate"):
+        run_evaluation(EvaluateConfig(**parse_settings(EvaluateConfig, sys.argv[1:], description=__doc__)))

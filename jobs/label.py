@@ -17,11 +17,12 @@ copies per call, across a batch's images), --compile (torch.compile the UNet),
 
 import sys
 
-from skp_ray.config import parse_settings
+from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.labelling import LabelConfig, LabellingFailed, run_labelling
 
 if __name__ == "__main__":
-    try:
-        run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
-    except LabellingFailed as failure:
-        sys.exit(str(failure))
+    with refusals_as_messages("label"):
+        try:
+            run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
+        except LabellingFailed as failure:
+            sys.exit(str(failure))

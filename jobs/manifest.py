@@ -10,8 +10,9 @@ splits are the same everywhere. Datasets: see skp_ray.datasets.DATASETS.
 
 import sys
 
-from skp_ray.config import parse_settings
+from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.datasets import ManifestConfig, make_manifest
 
 if __name__ == "__main__":
-    make_manifest(ManifestConfig(**parse_settings(ManifestConfig, sys.argv[1:], description=__doc__)))
+    with refusals_as_messages("manifest"):
+        make_manifest(ManifestConfig(**parse_settings(ManifestConfig, sys.argv[1:], description=__doc__)))

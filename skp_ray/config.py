@@ -4,19 +4,24 @@ Every job describes its settings as one dataclass; ``parse_settings`` turns
 that dataclass into an argparse parser (each field becomes ``--field_name``,
 also spelled ``--field-name``), reads ``--config file.yaml`` if given, and lets
 flags override the file. Only values actually given are returned, so a job
-can tell "not set" from "set to the default".
+can tell "not set" from "set to the default". ``refusals_as_messages`` is the
+jobs' way of saying no to their input: a message, no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import yaml
+
+from skp_ray.lease import LeaseHeldError
 
 
 def parse_settings(cls: type, argv: Sequence[str] | None = None, *, description: str = "") -> dict:
@@ -37,6 +42,20 @@ def parse_settings(cls: type, argv: Sequence[str] | None = None, *, description:
     if missing:
         parser.error(f"{', '.join(missing)} required (on the command line or in the --config file)")
     return settings
+
+
+@contextlib.contextmanager
+def refusals_as_messages(job: str) -> Iterator[None]:
+    """For a job's ``__main__``. An error raised before Ray starts is the job refusing its input (a setting,
+    a path, a model, an output another run holds), and its message names the input and what to do: it is
+    printed alone, as ``[job] message``, and the job exits 1. Errors raised once Ray is up keep their traceback."""
+    try:
+        yield
+    except (ValueError, OSError, LeaseHeldError) as error:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            raise
+        sys.exit(f"[{job}] {error}")
 
 
 def _required(field: dataclasses.Field) -> bool:

@@ -1,9 +1,14 @@
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from skp_ray.config import checked, parse_settings
+from skp_ray.config import checked, parse_settings, refusals_as_messages
 from skp_ray.discovery import EMBEDDED_DEFAULT, DiscoveryConfig, discovery_config
+from skp_ray.lease import LeaseHeldError
 
 
 @dataclass
@@ -132,3 +137,34 @@ def test_help_describes_every_option(job, config_class):
         description = "".join(field.metadata.get("help", "").split())
         assert description, f"{job}: --{field.name} has no help text"
         assert re.search(rf"--{field.name}\b", result.stdout) and description in packed, f"{job}: --{field.name}"
+
+
+@pytest.mark.parametrize("error", [ValueError("--x must be positive"), FileNotFoundError("no such folder /in"),
+                                   LeaseHeldError("another run holds /out")])  # fmt: skip
+def test_a_refusal_before_ray_starts_is_its_message_alone(monkeypatch, error):
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    with pytest.raises(SystemExit) as exit_info:
+        with refusals_as_messages("label"):
+            raise error
+    assert exit_info.value.code == f"[label] {error}"
+
+
+def test_errors_once_ray_is_up_and_other_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+    with pytest.raises(ValueError, match="inside the pipeline"):
+        with refusals_as_messages("label"):
+            raise ValueError("inside the pipeline")
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
+    with pytest.raises(KeyError):
+        with refusals_as_messages("label"):
+            raise KeyError("a bug, not a refusal")
+
+
+def test_the_label_job_refuses_a_bad_setting_in_one_line(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "jobs/label.py", "--artifact", str(tmp_path / "none"), "--input", str(tmp_path),
+               "--output", str(tmp_path / "out"), "--batch_size", "0"]  # fmt: skip
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "[label] invalid labelling settings: --batch-size and --augmentation_iterations must be at least 1"
+    assert not (tmp_path / "out").exists()
