@@ -4,14 +4,15 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR            # on an H100/H200: SD 1.5 shapes (random weights), 512 px
 #   bash benchmarks/gpu_suite.sh OUT_DIR --smoke    # on a CPU: the same steps on the tiny model at 64 px
 #
-# Steps, in order, each under its own time limit (520 s in all, inside one 600 s device command); a
+# Steps, in order, each under its own time limit (590 s in all, inside one 600 s device command); a
 # step that fails or runs out of time is recorded and the next one runs:
 #   1. the device: nvidia-smi, torch's CUDA build;
 #   2. the CUDA-only tests (they skip on a CPU);
 #   3. detection_speed.py, float32, with --tta_latent: 10x the published way? the capture's share;
 #   4. discovery_speed.py, float32 (no Ray Train scaling: it needs Ray);
 #   5. flops.py on the timings of 3 and 4: the fraction of the FLOP limit;
-#   6. detection_speed.py, bfloat16: speed, and its keypoints against float32 on the same model.
+#   6. detection_speed.py, bfloat16: speed, and its keypoints against float32 on the same model;
+#   7. ldm_correspondence.py (SPEC 3), float16: batched against one point at a time.
 # It needs torch, diffusers, transformers, numpy, pyarrow, Pillow and pytest, not Ray: the
 # pipeline and serving benchmarks are not in it.
 #
@@ -32,11 +33,13 @@ if [ "$smoke" = "--smoke" ]; then
     detection=(--images 1 --augmentations 2)
     discovery=(--batch_size 2)
     flops=(--augmentations 2 --batch_size 2 --peak_side 512)
+    correspondence=(--model tiny --image_size 64 --points 1 --restarts 2 --steps 1 --passes 2 --repeats 1 --threads 1 --no_results)
 else
     shape=(--model sd15 --image_size 512 --device cuda --repeats 3)
     detection=()
     discovery=()
     flops=()
+    correspondence=(--model sd15 --image_size 512 --device cuda --dtype float16)
 fi
 
 results_before=$(wc -l < benchmarks/RESULTS.md)
@@ -69,6 +72,8 @@ step flops 80 "$python" benchmarks/flops.py "${shape[@]}" "${flops[@]}" \
     --timings "$out/detection_float32.json" "$out/discovery_float32.json" --output "$out/flops.json"
 step detection_bfloat16 110 "$python" benchmarks/detection_speed.py "${shape[@]}" "${detection[@]}" \
     --dtype bfloat16 --output "$out/detection_bfloat16.json"
+step ldm_correspondence 70 "$python" benchmarks/ldm_correspondence.py "${correspondence[@]}" \
+    --output "$out/ldm_correspondence.json"
 
 tail -n +"$((results_before + 1))" benchmarks/RESULTS.md > "$out/RESULTS-new.md"
 echo "== done: $out/summary.txt"

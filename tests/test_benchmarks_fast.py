@@ -71,7 +71,9 @@ def test_gpu_suite_smoke_runs_every_step(tmp_path):
     subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path), "--smoke"], env=environment, check=True,
                    capture_output=True, timeout=280)  # fmt: skip
     statuses = dict(line.split(": exit ") for line in (tmp_path / "summary.txt").read_text().splitlines())
-    assert list(statuses) == ["device", "cuda_tests", "detection_float32", "discovery_float32", "flops", "detection_bfloat16"]
+    assert list(statuses) == [
+        "device", "cuda_tests", "detection_float32", "discovery_float32", "flops", "detection_bfloat16", "ldm_correspondence"
+    ]  # fmt: skip
     assert all(status.startswith("0 ") for status in statuses.values()), statuses
     assert json.loads((tmp_path / "flops.json").read_text())["fraction_of_peak"]["detection"] > 0
     assert json.loads((tmp_path / "detection_bfloat16.json").read_text())["dtype"] == "bfloat16"
