@@ -28,18 +28,18 @@ mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # skp_ray from this checkout
 
+# Each benchmark's own options beside the shared ones; on the GPU their defaults.
+detection=() discovery=() flops=() correspondence=(--dtype float16)
 if [ "$smoke" = "--smoke" ]; then
-    shape=(--model tiny --image_size 64 --device cpu --repeats 1 --no_warm_up --threads 1 --no_results)
+    shared=(--model tiny --image_size 64 --device cpu --repeats 1 --threads 1 --no_results)
+    shape=("${shared[@]}" --no_warm_up)
     detection=(--images 1 --augmentations 2)
     discovery=(--batch_size 2)
     flops=(--augmentations 2 --batch_size 2 --peak_side 512)
-    correspondence=(--model tiny --image_size 64 --points 1 --restarts 2 --steps 1 --passes 2 --repeats 1 --threads 1 --no_results)
+    correspondence=(--points 1 --restarts 2 --steps 1 --passes 2)
 else
-    shape=(--model sd15 --image_size 512 --device cuda --repeats 3)
-    detection=()
-    discovery=()
-    flops=()
-    correspondence=(--model sd15 --image_size 512 --device cuda --dtype float16)
+    shared=(--model sd15 --image_size 512 --device cuda --repeats 3)
+    shape=("${shared[@]}")
 fi
 
 results_before=$(wc -l < benchmarks/RESULTS.md)
@@ -72,7 +72,7 @@ step flops 80 "$python" benchmarks/flops.py "${shape[@]}" "${flops[@]}" \
     --timings "$out/detection_float32.json" "$out/discovery_float32.json" --output "$out/flops.json"
 step detection_bfloat16 110 "$python" benchmarks/detection_speed.py "${shape[@]}" "${detection[@]}" \
     --dtype bfloat16 --output "$out/detection_bfloat16.json"
-step ldm_correspondence 70 "$python" benchmarks/ldm_correspondence.py "${correspondence[@]}" \
+step ldm_correspondence 70 "$python" benchmarks/ldm_correspondence.py "${shared[@]}" "${correspondence[@]}" \
     --output "$out/ldm_correspondence.json"
 
 tail -n +"$((results_before + 1))" benchmarks/RESULTS.md > "$out/RESULTS-new.md"

@@ -123,9 +123,6 @@ def test_help_describes_every_option(job, config_class):
     import dataclasses
     import importlib
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
     module, name = config_class.split(":")
     fields = dataclasses.fields(getattr(importlib.import_module(module), name))
