@@ -1,6 +1,6 @@
 """How much of the detector's speed the labelling job keeps: jobs/label.py against the detector called directly.
 
-    python benchmarks/pipeline_efficiency.py [--model tiny|sd15] [--image_size 128] [--images 800] [--batch_size 8]
+    python benchmarks/pipeline_efficiency.py [--model tiny|sd15] [--image_size 128] [--images 800] [--batch_size 16]
         [--augmentations 2] [--cpus_per_actor 1] [--copies_per_call N] [--tta_latent] [--dtype float32]
         [--clusters own running] [--repeats 1] [--device cpu|cuda] [--output run.json] [--no_results]
 
@@ -74,7 +74,8 @@ def arguments(argv=None) -> argparse.Namespace:
     parser = base_arguments(__doc__, image_size=128)
     parser.set_defaults(repeats=1)
     parser.add_argument("--images", type=int, default=800, help="enough batches for a steady second half")
-    parser.add_argument("--batch_size", type=int, default=8, help="the job's --batch_size (images per actor call)")
+    parser.add_argument("--batch_size", type=int, default=LabelConfig.batch_size,
+                        help="the job's --batch_size (images per actor call; default: the job's)")
     parser.add_argument("--augmentations", type=int, default=2)
     parser.add_argument("--tokens", type=int, help="context length (default: 500 for sd15, 16 for tiny)")
     parser.add_argument("--keypoints", type=int, default=4)

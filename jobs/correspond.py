@@ -26,8 +26,10 @@ import sys
 from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.correspondence.job import CorrespondConfig, CorrespondenceFailed, run_correspondence
 
+RESUME = "the rows, features and contexts written so far are kept; rerun the same command to match the pairs still without a row"
+
 if __name__ == "__main__":
-    with refusals_as_messages("correspond"):
+    with refusals_as_messages("correspond", resume=RESUME):
         try:
             run_correspondence(CorrespondConfig(**parse_settings(CorrespondConfig, sys.argv[1:], description=__doc__)))
         except CorrespondenceFailed as failure:

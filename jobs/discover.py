@@ -17,6 +17,8 @@ import sys
 from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.discovery import DiscoveryConfig, discovery_config, run_discovery
 
+RESUME = "rerun with the same --output and --name to resume from the latest checkpoint, if one was written"
+
 if __name__ == "__main__":
-    with refusals_as_messages("discover"):
+    with refusals_as_messages("discover", resume=RESUME):
         run_discovery(discovery_config(parse_settings(DiscoveryConfig, sys.argv[1:], description=__doc__)))

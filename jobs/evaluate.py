@@ -17,6 +17,8 @@ import sys
 from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.evaluation import EvaluateConfig, run_evaluation
 
+RESUME = "the labels written so far are kept; rerun the same command to carry on"
+
 if __name__ == "__main__":
-    with refusals_as_messages("evaluate"):
+    with refusals_as_messages("evaluate", resume=RESUME):
         run_evaluation(EvaluateConfig(**parse_settings(EvaluateConfig, sys.argv[1:], description=__doc__)))

@@ -20,8 +20,10 @@ import sys
 from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.labelling import LabelConfig, LabellingFailed, run_labelling
 
+RESUME = "the rows written so far are kept; rerun the same command to label the images still without a row"
+
 if __name__ == "__main__":
-    with refusals_as_messages("label"):
+    with refusals_as_messages("label", resume=RESUME):
         try:
             run_labelling(LabelConfig(**parse_settings(LabelConfig, sys.argv[1:], description=__doc__)))
         except LabellingFailed as failure:

@@ -13,6 +13,8 @@ import sys
 from skp_ray.config import parse_settings, refusals_as_messages
 from skp_ray.datasets import ManifestConfig, make_manifest
 
+RESUME = "rerun the same command; it builds the manifest anew"
+
 if __name__ == "__main__":
-    with refusals_as_messages("manifest"):
+    with refusals_as_messages("manifest", resume=RESUME):
         make_manifest(ManifestConfig(**parse_settings(ManifestConfig, sys.argv[1:], description=__doc__)))

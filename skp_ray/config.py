@@ -5,7 +5,8 @@ that dataclass into an argparse parser (each field becomes ``--field_name``,
 also spelled ``--field-name``), reads ``--config file.yaml`` if given, and lets
 flags override the file. Only values actually given are returned, so a job
 can tell "not set" from "set to the default". ``refusals_as_messages`` is the
-jobs' way of saying no to their input: a message, no traceback.
+jobs' way of saying no to their input, and of stopping on Ctrl-C: a message,
+no traceback.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def parse_settings(cls: type, argv: Sequence[str] | None = None, *, description:
 
 
 @contextlib.contextmanager
-def refusals_as_messages(job: str) -> Iterator[None]:
+def refusals_as_messages(job: str, *, resume: str) -> Iterator[None]:
     """For a job's ``__main__``. An error raised before Ray starts is the job refusing its input (a setting,
     a path, a model, an output another run holds), and its message names the input and what to do: it is
-    printed alone, as ``[job] message``, and the job exits 1. Errors raised once Ray is up keep their traceback."""
+    printed alone, as ``[job] message``, and the job exits 1. Errors raised once Ray is up keep their traceback.
+    A Ctrl-C prints ``[job] interrupted: <resume>`` (how a rerun carries on) and exits 130, as shells do."""
     try:
         yield
     except (ValueError, OSError, LeaseHeldError) as error:
@@ -56,6 +58,9 @@ def refusals_as_messages(job: str) -> Iterator[None]:
         if ray is not None and ray.is_initialized():
             raise
         sys.exit(f"[{job}] {error}")
+    except KeyboardInterrupt:
+        print(f"[{job}] interrupted: {resume}", file=sys.stderr)
+        sys.exit(130)
 
 
 def _required(field: dataclasses.Field) -> bool:

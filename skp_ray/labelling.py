@@ -76,7 +76,7 @@ class LabelConfig:
     output: str = option(help="folder or URI for the Parquet rows (labels-*.parquet) and the run summaries")
     model: str | None = option(None, "hub id or folder of the model; default: the artifact's model and revision")
     augmentation_iterations: int = option(10, "test-time augmentations per image (SPEC 1.5)")
-    batch_size: int = option(8, "images per actor call")
+    batch_size: int = option(16, "images per actor call")
     actors: str = option("1", "actor pool: a fixed size N, or MIN,MAX to autoscale")
     use_gpu: bool | None = option(None, "one GPU per actor; default: GPUs if the cluster has them")
     cpus_per_actor: float = option(1.0, "CPUs per actor when no GPUs are used")

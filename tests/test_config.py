@@ -141,7 +141,7 @@ def test_help_describes_every_option(job, config_class):
 def test_a_refusal_before_ray_starts_is_its_message_alone(monkeypatch, error):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
     with pytest.raises(SystemExit) as exit_info:
-        with refusals_as_messages("label"):
+        with refusals_as_messages("label", resume="rerun"):
             raise error
     assert exit_info.value.code == f"[label] {error}"
 
@@ -149,12 +149,20 @@ def test_a_refusal_before_ray_starts_is_its_message_alone(monkeypatch, error):
 def test_errors_once_ray_is_up_and_other_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
     with pytest.raises(ValueError, match="inside the pipeline"):
-        with refusals_as_messages("label"):
+        with refusals_as_messages("label", resume="rerun"):
             raise ValueError("inside the pipeline")
     monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: False))
     with pytest.raises(KeyError):
-        with refusals_as_messages("label"):
+        with refusals_as_messages("label", resume="rerun"):
             raise KeyError("a bug, not a refusal")
+
+
+def test_a_ctrl_c_says_how_to_resume_and_exits_as_shells_do(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        with refusals_as_messages("label", resume="rerun the same command"):
+            raise KeyboardInterrupt
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "[label] interrupted: rerun the same command\n"
 
 
 def test_the_label_job_refuses_a_bad_setting_in_one_line(tmp_path):
