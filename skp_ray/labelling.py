@@ -214,11 +214,15 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     return summary
 
 
-# Decoding actors at most per detector actor (of the pool's maximum). Like GPU detectors, they claim no
-# CPU: the repartition before them runs in tasks of a whole CPU, for which a standing claim of theirs
-# beside a one-CPU detector would leave no room on a two-CPU node (a deadlock, seen).
+# Decoding actors claim no CPU, like GPU detectors: the repartition before them runs in tasks of a whole
+# CPU, for which a standing claim of theirs beside a one-CPU detector would leave no room on a two-CPU
+# node (a deadlock, seen).
 DECODE_CPUS = 0
-DECODERS_PER_DETECTOR = 2
+# Decoding actors at most per detector actor (of the pool's maximum). A GPU detector can outpace one
+# decoder on large photos. A CPU detector shares its node's cores with them, where a second one only
+# competes: on 2 cores it started while the detector imported torch and put the first rows off by ~1.2 s.
+DECODERS_PER_GPU_DETECTOR = 2
+DECODERS_PER_CPU_DETECTOR = 1
 
 
 def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
@@ -253,6 +257,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
     counter, pending = ProgressCounter.remote(), PendingImages.remote(files, config.retry_errors)
     detector_options = {"config": config, "run_id": run_id, "counter": counter, "on_batch": on_batch}
+    decoders_per_detector = DECODERS_PER_GPU_DETECTOR if config.use_gpu else DECODERS_PER_CPU_DETECTOR
     pipeline = (
         found.dataset()
         .map_batches(
@@ -271,7 +276,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
             batch_size=config.batch_size,
             num_cpus=DECODE_CPUS,
             compute=ray.data.ActorPoolStrategy(
-                min_size=compute.min_size, max_size=DECODERS_PER_DETECTOR * compute.max_size
+                min_size=compute.min_size, max_size=decoders_per_detector * compute.max_size
             ),
         )
         .map_batches(
