@@ -49,7 +49,7 @@ from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, ImageDecoder, absolu
 from skp_ray.label_resume import PendingImages, pending_sources
 from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, read_labels
 from skp_ray.lease import OutputLease
-from skp_ray.model_source import DTYPE_NAMES, check_model, model_location
+from skp_ray.model_source import DTYPE_NAMES, check_artifact_model
 from skp_ray.progress import ProgressCounter, ProgressLog
 from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
@@ -195,7 +195,7 @@ def run_labelling(config: LabelConfig, *, on_batch: Callable[[int], None] | None
     config = checked(config)
     compute = _check_settings(config)
     artifact = check_artifact(config.artifact)
-    check_model(model_location(config.model or artifact.model), revision=None if config.model else artifact.revision)
+    check_artifact_model(artifact, config.model)
     output = absolute_uri(config.output)
     run_id = uuid.uuid4().hex[:12]
     with OutputLease(output, run_id, stale_after_s=config.lease_timeout_s):

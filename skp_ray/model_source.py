@@ -74,21 +74,43 @@ def tiny_model_folder(name: str) -> str:
     return str(folder)
 
 
-def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> None:
+def check_model(model: str | os.PathLike, *, revision: str | None = None, local_files_only: bool | None = None) -> dict:
     """Raise ModelNotFoundError, as ``load_diffusion`` would, if the model cannot be had; loads no weights.
 
     Jobs call it on the driver so that a wrong ``--model`` fails once, at once,
     instead of in every worker. Reads the pipeline's configs (from the folder,
     the cache, or the hub) and, for a local folder, checks that the UNet's and
-    the VAE's weight files are there.
+    the VAE's weight files are there. Returns the configs by part ("unet", "vae",
+    "scheduler"; "" for model_index.json).
     """
     source = model_source(model)
-    from_folder_cache_or_hub(model, revision, local_files_only, lambda hub: _read_configs(source, hub))
+    configs = from_folder_cache_or_hub(model, revision, local_files_only, lambda hub: _read_configs(source, hub))
     if Path(source).is_dir():
         for part in ("unet", "vae"):
             if not any(Path(source, part).glob("diffusion_pytorch_model*")):
                 missing = FileNotFoundError(f"{part}/ holds no diffusion_pytorch_model weights")
                 raise ModelNotFoundError(_not_found_message(str(model), True, missing))
+    return configs
+
+
+def check_artifact_model(artifact, model: str | None = None) -> None:
+    """``check_model`` for the model a keypoint artifact is used with (``model``, else the artifact's own
+    at its revision), and a ValueError if the artifact's context cannot condition that model's UNet."""
+    name = model or artifact.model
+    configs = check_model(model_location(name), revision=None if model else artifact.revision)
+    width = configs["unet"].get("cross_attention_dim")
+    width = width[0] if isinstance(width, (list, tuple)) else width  # diffusers allows one per block
+    tokens, context_width = artifact.context.shape
+    if width is not None and context_width != width:
+        fix = (
+            f"drop --model to use the artifact's own ({artifact.model}), or give a model of width {context_width}"
+            if model
+            else "relearn the artifact with this model, or give --model a model of that width"
+        )
+        raise ValueError(
+            f"the artifact's context is {tokens} tokens x {context_width}, but {name} conditions its UNet on "
+            f"width {width} (cross_attention_dim): {fix}"
+        )
 
 
 def from_folder_cache_or_hub(model, revision: str | None, local_files_only: bool | None, read):
@@ -127,8 +149,10 @@ def model_source(model: str | os.PathLike) -> str:
     return text
 
 
-def _read_configs(source: str, hub: dict) -> None:
-    """Each of ``_CONFIG_FILES`` read and parsed; OSError or ValueError for one missing or not JSON."""
+def _read_configs(source: str, hub: dict) -> dict:
+    """Each of ``_CONFIG_FILES`` read and parsed, by subfolder; OSError or ValueError for one missing or
+    not JSON."""
+    configs = {}
     for subfolder, name in _CONFIG_FILES:
         if Path(source).is_dir():
             path = Path(source, subfolder, name)
@@ -139,9 +163,10 @@ def _read_configs(source: str, hub: dict) -> None:
 
             path = hf_hub_download(source, name, subfolder=subfolder or None, **hub)
         try:
-            json.loads(Path(path).read_text())
+            configs[subfolder] = json.loads(Path(path).read_text())
         except ValueError as error:
             raise ValueError(f"{Path(subfolder, name)} is not JSON ({error})") from None
+    return configs
 
 
 def _hub_problem(repo_id: str, hub: dict) -> Exception | None:

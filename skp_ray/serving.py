@@ -49,7 +49,7 @@ from skp_ray.detection import detect_with_confidence, draw_augmentations
 from skp_ray.diffusion import DTYPES
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS
 from skp_ray.label_detector import detection_generator, detection_options, load_artifact_model
-from skp_ray.model_source import check_model, model_location
+from skp_ray.model_source import check_artifact_model
 from skp_ray.plotting import draw_keypoints
 from skp_ray.ray_cluster import connect, parse_pool_sizes
 from skp_ray.serving_requests import (
@@ -118,7 +118,7 @@ def check_settings(config: ServeConfig) -> ServicePlan:
     low, high = parse_pool_sizes(config.replicas, "--replicas")
     digest = _read_token(config)
     artifact = load_artifact(config.artifact)
-    check_model(model_location(config.model or artifact.model), revision=None if config.model else artifact.revision)
+    check_artifact_model(artifact, config.model)
     return ServicePlan(low, high, token_digest(digest) if digest else None)
 
 

@@ -328,6 +328,12 @@ def test_what_would_fail_every_image_is_refused_on_the_driver(artifact, tmp_path
             run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "busy")))
     with pytest.raises(ValueError, match="max_error_fraction: expected a number"):
         run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), max_error_fraction="half"))
+    wider = str(tmp_path / "wider-model")
+    shutil.copytree(model_location(loaded.model), wider)
+    unet_config = Path(wider, "unet", "config.json")
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "cross_attention_dim": 64}))
+    with pytest.raises(ValueError, match=rf"tokens x {loaded.context.shape[1]}, but .*wider-model .* width 64.*drop --model"):
+        run_labelling(config(artifact, str(tmp_path / "in"), str(tmp_path / "out"), model=wider))
 
 
 def test_a_damaged_artifact_file_is_named(artifact, tmp_path):

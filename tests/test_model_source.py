@@ -33,6 +33,12 @@ def test_a_damaged_pipeline_folder_is_refused_naming_what_is_wrong(tiny_model_pa
     assert cause in str(error.value)
 
 
+def test_the_configs_are_returned_as_read(tiny_model_path):
+    configs = check_model(tiny_model_path)
+    assert configs["unet"]["cross_attention_dim"] == 32 and configs["vae"]["latent_channels"] == 4
+    assert configs[""]["_class_name"] == "StableDiffusionPipeline"
+
+
 def test_a_model_index_is_read_as_json(tiny_model_path, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_path, folder)
@@ -47,14 +53,14 @@ def test_the_labelling_driver_checks_everything_without_torch_or_diffusers(tiny_
 
     from skp_ray.artifact import KeypointArtifact, save_artifact
 
-    save_artifact(KeypointArtifact(torch.zeros(4, 8), [1], model=str(tiny_model_path)), str(tmp_path / "artifact"))
+    save_artifact(KeypointArtifact(torch.zeros(4, 32), [1], model=str(tiny_model_path)), str(tmp_path / "artifact"))
     script = (
         "import sys\n"
         "import skp_ray.labelling, skp_ray.config\n"
         "from skp_ray.artifact import check_artifact\n"
-        "from skp_ray.model_source import check_model\n"
+        "from skp_ray.model_source import check_artifact_model\n"
         f"artifact = check_artifact({str(tmp_path / 'artifact')!r})\n"
-        "check_model(artifact.model)\n"
+        "check_artifact_model(artifact)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
     )
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
