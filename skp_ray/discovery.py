@@ -19,17 +19,17 @@ After optimisation, token selection (SPEC 1.4) runs on the first
 ``num_indices`` images: each worker counts the picks of its share and the
 counts are summed. Rank 0 reports the result in the final checkpoint and the
 driver writes the keypoint artifact.
+
+This module is the driver: settings, the checks that refuse bad input before
+Ray starts, the trainer, the artifact. ``skp_ray.discovery_training`` is the
+loop on each worker, ``skp_ray.discovery_checkpoint`` its checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import logging
-import os
 import posixpath
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,21 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import ray
-import ray.train
-import torch
-import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file, save_file
 
 from skp_ray.artifact import KeypointArtifact, artifact_exists, save_artifact
-from skp_ray.attention import attention_maps
 from skp_ray.config import checked, option
-from skp_ray.detection import count_token_picks, detect_keypoints
-from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion
-from skp_ray.discovery_data import ShardReader
-from skp_ray.geometry import random_affine
+from skp_ray.discovery_checkpoint import PREVIEW_FILE, read_final
 from skp_ray.heatmaps import PEAK_DISCS
 from skp_ray.images import (
     ALPHA_MODES,
@@ -63,22 +54,12 @@ from skp_ray.images import (
     list_sources,
     load_source,
 )
-from skp_ray.latent_cache import LatentCache
-from skp_ray.model_source import TINY_MODEL, check_model, model_location
-from skp_ray.optimization import image_order, init_context, training_loss
-from skp_ray.plotting import keypoint_sheet, line_plot
-from skp_ray.randomness import keyed_generator
+from skp_ray.model_source import DTYPE_NAMES, TINY_MODEL, check_model, model_location
+from skp_ray.plotting import line_plot, png_bytes
 from skp_ray.ray_cluster import connect, use_gpus, wait_for_gpus
 from skp_ray.samples import write_sample_images
-from skp_ray.selection import top_voted_tokens
 
-logger = logging.getLogger(__name__)  # on workers: Ray Train forwards its records to the driver
-
-# Files of a training checkpoint, and the run settings kept beside Ray's run folder.
-CHECKPOINT_CONTEXT_FILE = "context.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-PREVIEW_FILE = "keypoints.png"
+# The artifact's loss picture, and the run settings kept beside Ray's run folder.
 LOSS_CURVE_FILE = "loss.png"
 RUN_SETTINGS_FILE = "run-settings.json"
 
@@ -197,7 +178,7 @@ def run_discovery(
     _claim_run_folder(config, folder)  # only once every check has passed, so a refused run leaves --name free
     print(f"[discover] {len(sources)} images, {config.num_workers} worker(s), {config.num_steps} steps -> {folder}")
     trainer = TorchTrainer(
-        _train_worker,
+        _train_loop,
         train_loop_config={"config": dataclasses.asdict(config), "sources": sources, "on_step": on_step},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -225,8 +206,8 @@ def _check_config(config: DiscoveryConfig) -> None:
             f"--batch_size {config.batch_size} must be a multiple of --num-workers {config.num_workers} "
             "(each worker takes an equal share of every batch)"
         )
-    if config.dtype not in DTYPES:
-        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    if config.dtype not in DTYPE_NAMES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPE_NAMES)}")
     if config.alpha not in ALPHA_MODES:
         problems.append(f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}")
     if config.peak_disc not in PEAK_DISCS:
@@ -304,269 +285,20 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-# --- on each worker -------------------------------------------------------------------------
+def _train_loop(loop_config: dict) -> None:
+    """Ray Train's per-worker loop, imported where it runs: the driver never imports diffusers (~3 s of
+    a job's start-up on 2 cores, beside its workers' own imports)."""
+    from skp_ray.discovery_training import train_worker
 
-
-def _train_worker(loop_config: dict) -> None:
-    config = DiscoveryConfig(**loop_config["config"])
-    context_info = ray.train.get_context()
-    rank, world = context_info.get_world_rank(), context_info.get_world_size()
-    diffusion = load_diffusion(
-        model_location(config.model),
-        dtype=DTYPES[config.dtype],
-        device=ray.train.torch.get_device(),
-        revision=config.revision,
-        text_encoder=False,
-    )
-    image_size = config.image_size or diffusion.image_size
-    shard = ShardReader(loop_config["sources"], rank, world, image_size, config.alpha, config.cache_images)
-    try:
-        _train_on_shard(config, loop_config, diffusion, shard, rank, world, image_size)
-    finally:
-        shard.close()
-
-
-def _train_on_shard(
-    config: DiscoveryConfig, loop_config: dict, diffusion: Diffusion, shard: ShardReader, rank: int, world: int,
-    image_size: int,
-) -> None:
-    """The optimisation, token selection and final report of one worker, reading its images from ``shard``."""
-    state = _restore(config, diffusion) or _fresh_state(config, diffusion)
-    if rank == 0 and state.step:
-        logger.info("[discover] resuming from the checkpoint at step %d", state.step)
-
-    share = config.batch_size // world
-    if len(shard) < share:
-        raise ValueError(
-            f"worker {rank} has {len(shard)} readable images, fewer than its share of a batch ({share}); "
-            f"skipped: {dict(shard.skipped)}"
-        )
-    order_generator = keyed_generator(config.seed, "order", rank)
-    order = image_order(len(shard), share, config.num_steps, order_generator).tolist()
-
-    def picks(step: int) -> list[int]:
-        return order[step * share : (step + 1) * share]
-
-    latent_cache = LatentCache(config.cache_latents)
-    while state.step < config.num_steps:
-        started = time.perf_counter()
-        pixels = shard.batch(picks(state.step))
-        if state.step + 1 < config.num_steps:
-            shard.prefetch(picks(state.step + 1))  # read while this step computes
-        indices = [shard.indices[i] for i in picks(state.step)]
-        latents = latent_cache.latents(diffusion, pixels, indices)
-        record = _optimizer_step(config, diffusion, pixels, latents, indices, state, image_size)
-        record["images_per_s"] = config.batch_size / (time.perf_counter() - started)
-        state.history.append(record)
-        if loop_config["on_step"] is not None:
-            loop_config["on_step"](rank, state.step, record)
-        state.step += 1
-        if rank == 0 and (state.step % config.log_every == 0 or state.step == config.num_steps):
-            _log_progress(state.step, config.num_steps, record)
-        if state.step % config.checkpoint_every == 0 and state.step < config.num_steps:
-            _report(state, rank, {})
-
-    counts = _count_picks(config, diffusion, shard, state.context.detach(), image_size)
-    state.token_indices = top_voted_tokens(counts, config.top_k).tolist()
-    images = _image_counts(shard, config.num_indices, len(loop_config["sources"]))
-    preview = _preview(config, diffusion, shard, state) if rank == 0 else None
-    final = {
-        "images": images,
-        "resumed_from_step": state.resumed_from_step,
-        "image_size": image_size,
-    }
-    _report(state, rank, final, preview)
-
-
-@dataclass
-class _State:
-    context: torch.Tensor  # the learned leaf tensor, on the model's device
-    optimizer: torch.optim.Adam
-    step: int = 0
-    history: list[dict] = dataclasses.field(default_factory=list)
-    token_indices: list[int] | None = None
-    resumed_from_step: int = 0
-
-
-def _fresh_state(config: DiscoveryConfig, diffusion: Diffusion) -> _State:
-    generator = keyed_generator(config.seed, "context")
-    context = init_context(config.num_tokens, diffusion.context_dim, generator=generator).to(diffusion.device)
-    context.requires_grad_(True)
-    return _State(context, torch.optim.Adam([context], lr=config.lr))
-
-
-def _optimizer_step(
-    config, diffusion: Diffusion, images: torch.Tensor, latents: torch.Tensor, image_indices: list[int],
-    state: _State, size: int,
-) -> dict:
-    """One Adam step on this worker's images [n, 3, S, S] and their latents, whose global indices key
-    their draws."""
-    thetas, noise_images, noise_transformed = _image_draws(config, diffusion, image_indices, state.step, size)
-    state.optimizer.zero_grad()
-    parts = training_loss(
-        diffusion,
-        images,
-        state.context,
-        thetas=thetas,
-        noise=(noise_images, noise_transformed),
-        top_k=config.top_k,
-        furthest_point_num_samples=config.furthest_point_num_samples,
-        sigma=config.sigma,
-        num_subjects=config.num_subjects,
-        peak_disc=config.peak_disc,
-        sharpening_loss_weight=config.sharpening_loss_weight,
-        equivariance_attn_loss_weight=config.equivariance_attn_loss_weight,
-        latents=latents,
-        **_map_options(config, size),
-    )
-    parts.total.backward()
-    _all_reduce_mean(state.context.grad)
-    state.optimizer.step()
-    reduced = _all_reduce_mean(torch.stack([part.detach().float() for part in parts]))
-    return {"step": state.step + 1, **{name: float(value) for name, value in zip(parts._fields, reduced)}}
-
-
-def _image_draws(config, diffusion: Diffusion, image_indices: list[int], step: int, size: int):
-    """Each image's affine transform and the latent noise for it and its copy, from (seed, step, image)."""
-    thetas, noise_images, noise_transformed = [], [], []
-    for index in image_indices:
-        generator = keyed_generator(config.seed, "step", step, index)
-        augment = dict(degrees=config.augment_degrees, scale=config.augment_scale, translate=config.augment_translate)
-        thetas.append(random_affine(1, generator=generator, **augment))
-        noise_images.append(_latent_noise(diffusion, size, generator))
-        noise_transformed.append(_latent_noise(diffusion, size, generator))
-    return torch.cat(thetas), torch.stack(noise_images), torch.stack(noise_transformed)
-
-
-def _count_picks(config, diffusion: Diffusion, shard: ShardReader, context: torch.Tensor, size: int) -> torch.Tensor:
-    """SPEC 1.4 votes of this worker's images among the first ``num_indices``, summed over workers."""
-    counts = torch.zeros(config.num_tokens, dtype=torch.long)
-    mine = [i for i, index in enumerate(shard.indices) if index < config.num_indices]
-    for start in range(0, len(mine), config.batch_size):
-        chunk = mine[start : start + config.batch_size]
-        noise = [
-            _latent_noise(diffusion, size, keyed_generator(config.seed, "select", shard.indices[i])) for i in chunk
-        ]
-        counts += count_token_picks(
-            diffusion,
-            shard.batch(chunk),
-            context,
-            top_k=config.top_k,
-            furthest_point_num_samples=config.furthest_point_num_samples,
-            sigma=config.sigma,
-            num_subjects=config.num_subjects,
-            peak_disc=config.peak_disc,
-            batch_size=len(chunk),
-            noise=torch.stack(noise),
-            **_map_options(config, size),
-        )
-    return _all_reduce_sum(counts)
-
-
-def _map_options(config: DiscoveryConfig, size: int) -> dict:
-    return dict(
-        layers=config.layers,
-        noise_level=config.noise_level,
-        feature_upsample_res=config.feature_upsample_res,
-        image_size=size,
-        fast_capture=config.fast_capture,
-    )
-
-
-def _image_counts(shard: ShardReader, num_indices: int, listed: int) -> dict:
-    gathered = [None] * _world_size()
-    summary = {
-        "used": len(shard.indices),
-        "skipped": dict(shard.skipped),
-        "selection": sum(i < num_indices for i in shard.indices),
-    }
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, summary)
-    else:
-        gathered = [summary]
-    skipped = sum((Counter(part["skipped"]) for part in gathered), Counter())
-    return {
-        "listed": listed,
-        "used": sum(part["used"] for part in gathered),
-        "skipped": dict(skipped),
-        "used_for_token_selection": sum(part["selection"] for part in gathered),
-    }
-
-
-def _preview(config, diffusion: Diffusion, shard: ShardReader, state: _State) -> bytes | None:
-    """keypoints.png: a few of rank 0's images with their detected keypoints, and the first one's maps."""
-    count = min(config.preview_images, len(shard))
-    if count == 0:
-        return None
-    size = shard.size
-    images = shard.batch(list(range(count)))
-    context = state.context.detach()
-    generator = keyed_generator(config.seed, "preview")
-    options = _map_options(config, size)
-    keypoints, _ = detect_keypoints(
-        diffusion,
-        images,
-        context,
-        state.token_indices,
-        augmentation_iterations=config.augmentation_iterations,
-        degrees=config.augment_degrees,
-        scale=config.augment_scale,
-        translate=config.augment_translate,
-        generator=generator,
-        **options,
-    )
-    with torch.no_grad():
-        maps = attention_maps(
-            diffusion, images[:1], context, token_indices=state.token_indices, generator=generator, **options
-        )[0]
-    return _png(keypoint_sheet(images.cpu(), keypoints.cpu(), maps.cpu(), sizes=shard.sizes[:count]))
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def _report(state: _State, rank: int, extra: dict, preview: bytes | None = None) -> None:
-    """Every worker reports (Ray Train synchronises on it); rank 0 attaches the checkpoint."""
-    metrics = {"step": state.step, **(state.history[-1] if state.history else {})}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        save_file({"context": state.context.detach().cpu().contiguous()}, os.path.join(folder, CHECKPOINT_CONTEXT_FILE))
-        adam = state.optimizer.state[state.context]
-        save_file({key: value.cpu().contiguous() for key, value in adam.items()}, os.path.join(folder, OPTIMIZER_FILE))
-        record = {"step": state.step, "history": state.history, "token_indices": state.token_indices, **extra}
-        Path(folder, STATE_FILE).write_text(json.dumps(record))
-        if preview is not None:
-            Path(folder, PREVIEW_FILE).write_bytes(preview)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _restore(config: DiscoveryConfig, diffusion: Diffusion) -> _State | None:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        record = json.loads(Path(folder, STATE_FILE).read_text())
-        context = load_file(os.path.join(folder, CHECKPOINT_CONTEXT_FILE))["context"].to(diffusion.device)
-        adam = load_file(os.path.join(folder, OPTIMIZER_FILE), device=str(diffusion.device))
-    context.requires_grad_(True)
-    optimizer = torch.optim.Adam([context], lr=config.lr)
-    if adam:
-        adam["step"] = adam["step"].cpu()  # Adam keeps its step count on the CPU
-        optimizer.load_state_dict({"state": {0: adam}, "param_groups": optimizer.state_dict()["param_groups"]})
-    return _State(context, optimizer, record["step"], record["history"], record["token_indices"], record["step"])
-
-
-# --- on the driver --------------------------------------------------------------------------
+    train_worker(loop_config)
 
 
 def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint: Path) -> DiscoveryResult:
-    record = json.loads((checkpoint / STATE_FILE).read_text())
+    record, context, preview = read_final(checkpoint)
     history = record["history"]
     losses = [entry["total"] for entry in history]
     artifact = KeypointArtifact(
-        context=load_file(checkpoint / CHECKPOINT_CONTEXT_FILE)["context"],
+        context=context,
         token_indices=record["token_indices"],
         model=config.model or TINY_MODEL,
         revision=config.revision,
@@ -576,10 +308,10 @@ def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint:
     )
     files = {
         "metrics.jsonl": "".join(json.dumps(entry) + "\n" for entry in history).encode(),
-        LOSS_CURVE_FILE: _png(line_plot(losses, title="discovery loss")),
+        LOSS_CURVE_FILE: png_bytes(line_plot(losses, title="discovery loss")),
     }
-    if (checkpoint / PREVIEW_FILE).exists():
-        files[PREVIEW_FILE] = (checkpoint / PREVIEW_FILE).read_bytes()
+    if preview is not None:
+        files[PREVIEW_FILE] = preview
     save_artifact(artifact, folder, files=files)
     images = record["images"]
     picture = join_uri(folder, PREVIEW_FILE) if PREVIEW_FILE in files else None
@@ -591,42 +323,3 @@ def _write_artifact(config: DiscoveryConfig, name: str, folder: str, checkpoint:
         + (f"\n[discover] picture: {picture}" if picture else "")
     )
     return DiscoveryResult(artifact, folder, picture, join_uri(folder, LOSS_CURVE_FILE), record["resumed_from_step"])
-
-
-# --- small helpers --------------------------------------------------------------------------
-
-
-def _latent_noise(diffusion: Diffusion, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Standard Gaussian noise [C, h, w] for the latent of one image of side ``size``."""
-    side = size // diffusion.vae_scale_factor
-    return torch.randn(diffusion.unet.config.in_channels, side, side, generator=generator)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        reduced = tensor.to(device)
-        dist.all_reduce(reduced)
-        tensor.copy_(reduced.to(tensor.device))
-    return tensor
-
-
-def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    return _all_reduce_sum(tensor).div_(_world_size())
-
-
-def _log_progress(step: int, num_steps: int, record: dict) -> None:
-    logger.info(
-        "[discover] step %d/%d: loss %.5f (sharpening %.5f, equivariance %.6f), %.2f images/s",
-        step, num_steps, record["total"], record["sharpening"], record["equivariance"], record["images_per_s"],
-    )  # fmt: skip
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

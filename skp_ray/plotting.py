@@ -11,6 +11,7 @@ x in [j, j + 1) pixels, [j/W, (j+1)/W) normalised).
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 from typing import Sequence
 
@@ -81,6 +82,12 @@ _RAMP = np.array(
 _OUTLINE = (20, 20, 20)
 _INK = (40, 40, 40)
 _WHITE = (255, 255, 255)
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def keypoint_colours(k: int) -> list[tuple[int, int, int]]:

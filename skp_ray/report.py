@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import posixpath
 
@@ -36,6 +35,7 @@ from skp_ray.plotting import (
     label_rows,
     landmark_comparison,
     line_plot,
+    png_bytes,
 )
 from skp_ray.randomness import keyed_generator
 from skp_ray.ray_cluster import connect, use_gpus
@@ -68,8 +68,8 @@ def write_report(evaluation, *, artifact: KeypointArtifact | None, config) -> di
     files = {title: name for title, (name, _) in pictures.items()}
     fs, folder = fsspec.core.url_to_fs(evaluation.output)
     for name, picture in pictures.values():
-        fs.pipe_file(posixpath.join(folder, name), _png(picture))
-    page = _html(evaluation.metrics, {title: _png(picture) for title, (_, picture) in pictures.items()}, files)
+        fs.pipe_file(posixpath.join(folder, name), png_bytes(picture))
+    page = _html(evaluation.metrics, {title: png_bytes(picture) for title, (_, picture) in pictures.items()}, files)
     fs.pipe_file(posixpath.join(folder, REPORT_FILE), page.encode())
     return files
 
@@ -142,12 +142,6 @@ def _maps_on_device(artifact, views: torch.Tensor, config, device: str) -> torch
                 ).cpu()
             )
     return torch.cat(maps)
-
-
-def _png(picture: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _html(metrics: dict, pngs: dict[str, bytes], files: dict[str, str]) -> str:

@@ -1,5 +1,5 @@
-"""The model check that jobs' drivers run before Ray starts: what it refuses, and that the driver's modules
-import neither torch nor diffusers."""
+"""The model check that jobs' drivers run before Ray starts: what it refuses, and what the drivers' modules
+leave to the workers (labelling's import no torch, discovery's no diffusers)."""
 
 import shutil
 import subprocess
@@ -62,6 +62,18 @@ def test_the_labelling_driver_checks_everything_without_torch_or_diffusers(tiny_
         f"artifact = check_artifact({str(tmp_path / 'artifact')!r})\n"
         "check_artifact_model(artifact)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "[]"
+
+
+def test_the_discovery_driver_imports_no_diffusers():
+    """The driver's modules leave diffusers and transformers to the Ray Train workers that load the model."""
+    script = (
+        "import sys\n"
+        "import skp_ray.discovery\n"
+        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
     )
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr

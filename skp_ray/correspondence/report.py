@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 
 import numpy as np
@@ -24,7 +23,7 @@ from skp_ray.correspondence.match_store import LOSS_PICTURE_FILE, METRICS_FILE, 
 from skp_ray.correspondence.pairs import pairs_dataset
 from skp_ray.correspondence.pck import correspondence_pck, image_size_box, summarise_pck
 from skp_ray.images import read_image
-from skp_ray.plotting import captioned, correspondence_pair, image_grid, line_plot
+from skp_ray.plotting import captioned, correspondence_pair, image_grid, line_plot, png_bytes
 from skp_ray.row_store import write_bytes, write_json
 
 ALPHAS = (0.05, 0.1)
@@ -60,12 +59,12 @@ def write_report(output: str, pairs: pa.Table, config, settings_hash: str, loss_
     shown = [row for row in rows if row["status"] == "ok"][: config.report_pairs]
     picture = pairs_picture(shown, config.pck_reference) if shown else None
     if picture is not None:
-        write_bytes(output, PICTURE_FILE, _png(picture))
+        write_bytes(output, PICTURE_FILE, png_bytes(picture))
     loss_picture = None
     if loss_curve:
         title = f"context loss, mean of the {config.restarts} restarts of every point optimised"
         loss_picture = line_plot(loss_curve, title=title, ylabel="MSE to the Gaussian", width=560)
-        write_bytes(output, LOSS_PICTURE_FILE, _png(loss_picture))
+        write_bytes(output, LOSS_PICTURE_FILE, png_bytes(loss_picture))
     write_bytes(output, REPORT_FILE, _html(metrics, picture, loss_picture).encode())
     return metrics
 
@@ -131,18 +130,12 @@ def pairs_picture(rows: list[dict], reference: str, *, height: int = 192):
     return image_grid(panels, columns=2) if panels else None
 
 
-def _png(picture) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _figure(file: str, picture, alt: str, caption: str) -> str:
-    data = base64.b64encode(_png(picture)).decode()
+    data = base64.b64encode(png_bytes(picture)).decode()
     return (
         f'<figure><a href="{file}"><img src="data:image/png;base64,{data}" alt="{alt}"></a>'
         f"<figcaption>{caption}</figcaption></figure>"
