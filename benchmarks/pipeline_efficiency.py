@@ -188,8 +188,9 @@ def pipeline_run(config: LabelConfig, log: Path, address: str | None = None) -> 
         raise SystemExit(f"jobs/label.py wrote error rows; its log: {log}")
     counts = stamps.groupby("labelled_at").size().sort_index()
     times = [stamp.timestamp() for stamp in counts.index]
+    dashboard = "[ray] this Ray has no dashboard" not in log.read_text()
     return dict(startup_s=times[0] - started, **rates(times, counts.tolist()), wall_s=wall,
-                rows=int(counts.sum()), batches=len(times),
+                rows=int(counts.sum()), batches=len(times), dashboard=dashboard,
                 batch_stamps_s=[round(t - started, 3) for t in times], rows_per_stamp=counts.tolist())  # fmt: skip
 
 

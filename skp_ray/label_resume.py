@@ -12,6 +12,9 @@ whole input is listed).
 A block's answer is kept under the hash of its rows, so a task that Ray
 retries after a crash gets the same answer for the same rows instead of
 finding its own ids already taken (which would lose them for this run).
+
+The same actor counts what the detectors finish (a ``ProgressTally``), so a
+run starts one bookkeeping process rather than two.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from skp_ray.progress import ProgressTally
 from skp_ray.row_store import RowFiles, done_id_array
 
 __all__ = ["PendingImages", "pending_sources", "block_key"]
@@ -30,9 +34,11 @@ __all__ = ["PendingImages", "pending_sources", "block_key"]
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class PendingImages:
-    """The resume filter: ids the output has, ids listed in this run, and the counts the summary reports."""
+    """The resume filter: ids the output has, ids listed in this run, and the counts the summary and the
+    progress lines report."""
 
     def __init__(self, files: RowFiles, retry_errors: bool):
+        self.progress = ProgressTally()
         self.done = done_id_array(files, retry_errors=retry_errors)
         self.seen: set[bytes] = set()
         self.answers: dict[str, np.ndarray] = {}
@@ -58,6 +64,13 @@ class PendingImages:
     def totals(self) -> dict:
         """Distinct images listed so far, and how many of them the output already had."""
         return {"listed": self.listed, "already_labelled": self.already}
+
+    def add(self, done: int, failed: int, started: float, finished: float) -> None:
+        """What a detector finished (``ProgressTally.add``)."""
+        self.progress.add(done, failed, started, finished)
+
+    def snapshot(self) -> dict:
+        return self.progress.snapshot()
 
 
 def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -50,7 +50,7 @@ from skp_ray.label_resume import PendingImages, pending_sources
 from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, read_labels
 from skp_ray.lease import OutputLease
 from skp_ray.model_source import DTYPE_NAMES, check_artifact_model
-from skp_ray.progress import ProgressCounter, ProgressLog
+from skp_ray.progress import ProgressLog
 from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
 from skp_ray.source_dataset import LISTING_BATCH_ROWS, SourceInput, find_input, image_id
@@ -255,8 +255,8 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     if config.use_gpu:
         wait_for_gpus(1, timeout_s=config.gpu_wait_s, what="the labelling actors")
     ray.data.DataContext.get_current().enable_progress_bars = config.progress
-    counter, pending = ProgressCounter.remote(), PendingImages.remote(files, config.retry_errors)
-    detector_options = {"config": config, "run_id": run_id, "counter": counter, "on_batch": on_batch}
+    pending = PendingImages.remote(files, config.retry_errors)
+    detector_options = {"config": config, "run_id": run_id, "counter": pending, "on_batch": on_batch}
     decoders_per_detector = DECODERS_PER_GPU_DETECTOR if config.use_gpu else DECODERS_PER_CPU_DETECTOR
     pipeline = (
         found.dataset()
@@ -291,7 +291,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     if not ray.available_resources().get("CPU"):
         print("[label] every CPU of the cluster is in use right now: decoding starts when one frees up")
     to_label = functools.partial(_to_label, pending, timeout_s=config.log_every_s)
-    with ProgressLog(counter, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
+    with ProgressLog(pending, to_label, interval_s=config.log_every_s) as progress, quiet_cpu_alarm():
         pipeline.write_parquet(
             path,
             filesystem=filesystem,
@@ -302,9 +302,8 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
             ray_remote_args={"num_cpus": 0.5},  # writes are I/O; a whole CPU each can starve them on small nodes
         )
     totals = ray.get(pending.totals.remote())
-    snapshot = ray.get(counter.snapshot.remote())
+    snapshot = ray.get(pending.snapshot.remote())
     print(progress.line(snapshot, total=_to_label(pending)))
-    ray.kill(counter)
     ray.kill(pending)
     return totals, snapshot["working_seconds"]
 

@@ -2,7 +2,9 @@
 
 Ray Data's progress bars draw on a terminal only; nightly jobs are read in
 ``ray job logs``. Workers add what they finish to a ``ProgressCounter``
-actor; a thread on the driver reads it every interval and prints a line.
+actor, or to a job's own actor that keeps a ``ProgressTally`` (one process
+fewer to start); a thread on the driver reads it every interval and prints
+a line.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from collections.abc import Callable
 
 import ray
 
-__all__ = ["ProgressCounter", "ProgressLog", "format_duration"]
+__all__ = ["ProgressCounter", "ProgressLog", "ProgressTally", "format_duration"]
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
+class ProgressTally:
     """Counts finished items across workers, and when the work itself started and last finished."""
 
     def __init__(self) -> None:
@@ -33,6 +34,9 @@ class ProgressCounter:
     def snapshot(self) -> dict:
         working = (self.last_finished - self.first_started) if self.first_started is not None else 0.0
         return {"done": self.done, "failed": self.failed, "working_seconds": working}
+
+
+ProgressCounter = ray.remote(num_cpus=0)(ProgressTally)
 
 
 class ProgressLog:

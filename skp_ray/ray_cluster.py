@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import ray
@@ -13,11 +14,29 @@ import ray.data
 GPU_POLL_SECONDS = 5.0
 GPU_REPORT_SECONDS = 30.0
 
+# Set to 1, a job that starts its own Ray starts the dashboard with it.
+DASHBOARD_ENV = "SKP_RAY_DASHBOARD"
+
 
 def connect() -> None:
-    """Join the cluster that ``RAY_ADDRESS`` names (set under ``ray job submit``), or start a local Ray."""
-    if not ray.is_initialized():
-        ray.init()
+    """Join the cluster that ``RAY_ADDRESS`` names (set under ``ray job submit``), or start a local Ray.
+
+    A local Ray starts without its dashboard unless ``SKP_RAY_DASHBOARD=1``: on a small machine the
+    dashboard's processes take the cores the job's first actors need (about 1 s of a 2-core start-up).
+    """
+    if ray.is_initialized():
+        return
+    context = ray.init(include_dashboard=dashboard_wanted(os.environ))
+    if not context.dashboard_url:
+        print(
+            f"[ray] this Ray has no dashboard (a job's own Ray starts without one, for a faster start); "
+            f"{DASHBOARD_ENV}=1 starts it, or run the job on a Ray started with `ray start --head`"
+        )
+
+
+def dashboard_wanted(environ) -> bool:
+    """Whether a Ray the job starts itself gets a dashboard (``SKP_RAY_DASHBOARD`` = 1 / true / yes)."""
+    return environ.get(DASHBOARD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def use_gpus(requested: bool | None) -> bool:

@@ -54,7 +54,8 @@ def test_flops(tmp_path):
     assert 0 < result["fraction_of_peak"]["detection"] and 0 < result["fraction_of_peak"]["discovery"]
 
 
-def test_pipeline_efficiency(tmp_path):
+def test_pipeline_efficiency(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKP_RAY_DASHBOARD", raising=False)
     result = run_benchmark(
         "pipeline_efficiency", tmp_path, "--images", "16", "--batch_size", "4", "--augmentations", "1",
         "--workdir", str(tmp_path),
@@ -63,6 +64,7 @@ def test_pipeline_efficiency(tmp_path):
     assert runs["own"][0]["rows"] == runs["running"][0]["rows"] == runs["direct"][0]["rows"] == 16
     assert result["efficiency"]["own"] > 0 and result["efficiency"]["running"] > 0
     assert result["startup_s"]["running"] > 0 and result["startup_s"]["own"] > 0
+    assert runs["own"][0]["dashboard"] is False  # a job's own Ray starts without one
 
 
 def test_gpu_suite_smoke_runs_every_step(tmp_path):

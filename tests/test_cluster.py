@@ -183,3 +183,10 @@ def test_jobs_use_the_gpus_the_cluster_has_unless_told(ray_session):
 
     assert use_gpus(None) is (ray_session.cluster_resources().get("GPU", 0) > 0)
     assert use_gpus(True) is True and use_gpus(False) is False
+
+
+def test_a_jobs_own_ray_has_a_dashboard_only_when_asked():
+    from skp_ray.ray_cluster import dashboard_wanted
+
+    assert not dashboard_wanted({}) and not dashboard_wanted({"SKP_RAY_DASHBOARD": "0"})
+    assert dashboard_wanted({"SKP_RAY_DASHBOARD": "1"}) and dashboard_wanted({"SKP_RAY_DASHBOARD": " True "})

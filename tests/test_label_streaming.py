@@ -191,6 +191,8 @@ def test_the_resume_filter_by_hand(ray_session, tmp_path):
     second = ray.get(pending.claim.remote(np.array(["d", "b", "e"], dtype=object), "block-2"))
     assert second.tolist() == [False, False, True]
     assert ray.get(pending.totals.remote()) == {"listed": 5, "already_labelled": 2}  # a c d b e; a and b
+    ray.get([pending.add.remote(2, 1, 100.0, 104.0), pending.add.remote(1, 0, 99.0, 103.0)])  # the detectors' counts
+    assert ray.get(pending.snapshot.remote()) == {"done": 3, "failed": 1, "working_seconds": 5.0}  # 99 s to 104 s
     retrying = PendingImages.remote(files, True)  # b has an error row only: labelled again
     assert ray.get(retrying.claim.remote(np.array(["a", "b"], dtype=object), "k")).tolist() == [False, True]
 
