@@ -41,7 +41,6 @@ from skp_ray.regression import (
     fit_regressor_with_swaps,
     predict_landmarks,
 )
-from skp_ray.report import REPORT_FILE, write_report
 
 MANIFEST_FILE = "manifest.parquet"
 EVALUATED_MANIFEST_FILE = "manifest_evaluated.parquet"  # the rows of the fitting and test splits, when not all
@@ -153,6 +152,8 @@ def run_evaluation(config: EvaluateConfig) -> Evaluation:
         )
     evaluation = Evaluation(metrics, train, test, prediction, output)
     _write_metrics(evaluation)
+    from skp_ray.report import REPORT_FILE, write_report  # torch and diffusers: the driver needs them only here
+
     write_report(evaluation, artifact=artifact, config=config)
     print(f"[evaluate] {describe(metrics)}\n[evaluate] report: {join_uri(output, REPORT_FILE)}")
     return evaluation

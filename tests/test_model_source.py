@@ -68,11 +68,13 @@ def test_the_labelling_driver_checks_everything_without_torch_or_diffusers(tiny_
     assert finished.stdout.strip() == "[]"
 
 
-def test_the_discovery_driver_imports_no_diffusers():
-    """The driver's modules leave diffusers and transformers to the Ray Train workers that load the model."""
+@pytest.mark.parametrize("driver", ["skp_ray.discovery", "skp_ray.evaluation"])
+def test_the_discovery_and_evaluation_drivers_import_no_diffusers(driver):
+    """The drivers' modules leave diffusers and transformers to the workers that load the model (and, for
+    evaluation, to the report drawn at the end): ``--help`` and a refused setting answer in seconds."""
     script = (
         "import sys\n"
-        "import skp_ray.discovery\n"
+        f"import {driver}\n"
         "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
     )
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
