@@ -43,7 +43,8 @@ import torch
 
 from skp_ray.correspondence.ldm_contexts import optimize_point_contexts
 from skp_ray.correspondence.ldm_locate import locate_point
-from skp_ray.correspondence.ldm_maps import LDM_CROP_FRACTION, LDM_CROP_MARGIN, canvas_position, crop_side, draw_crop_start
+from skp_ray.correspondence.ldm_maps import canvas_position, crop_side, draw_crop_start
+from skp_ray.correspondence.ldm_settings import LDM_CROP_FRACTION, LDM_CROP_MARGIN
 from skp_ray.diffusion import (
     DTYPES,
     SD15_SCHEDULER,

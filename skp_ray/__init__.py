@@ -18,11 +18,19 @@ _EXPORTS = {
     "optimization": ["optimize_context", "training_loss"],
     "selection": ["furthest_point_sampling", "top_k_gaussian"],
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'skp_ray' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"skp_ray.{_MODULE_OF[name]}"), name)
+def lazy_exports(package: str, exports: dict[str, list[str]]):
+    """``(__all__, __getattr__)`` for a package whose names (``exports``: module -> names) are imported from
+    ``<package>.<module>`` on first use (PEP 562)."""
+    module_of = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        if name not in module_of:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module_of[name]}"), name)
+
+    return sorted(module_of), __getattr__
+
+
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,16 +19,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 
 from skp_ray.model_source import (
     DTYPE_NAMES,
+    NUM_INFERENCE_STEPS,
     TINY_MODEL,
     TINY_SD21_MODEL,
     from_folder_cache_or_hub,
+    hub_weights_file,
     model_source,
     tiny_model_folder,
+    weights_missing_message,
+    weights_source,
 )
-
-# SPEC 1.1: DDIM with 50 inference steps gives timesteps 980, 960, ..., 20, 0.
-NUM_INFERENCE_STEPS = 50
-
 
 # The weight precisions a job can ask for by name (--dtype).
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -184,36 +184,15 @@ def load_unet_weights(diffusion: Diffusion, location: str | os.PathLike, *, revi
     diffusion.unet.load_state_dict(state, strict=True)
 
 
-def check_unet_weights(location: str | os.PathLike, *, revision: str | None = None) -> None:
-    """Raise FileNotFoundError, as ``load_unet_weights`` would, if the weights file is not there; reads no weights.
-
-    For jobs to call on the driver. A hub reference is looked up in the
-    Hugging Face cache and, unless offline (``HF_HUB_OFFLINE``), asked of the
-    hub; offline and not cached, it is left to the workers, whose caches may hold it.
-    """
-    kind, where = _weights_source(location)
-    if kind == "local":
-        if not Path(where).is_file():
-            raise FileNotFoundError(_weights_missing_message(location))
-    elif kind == "fsspec":
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(where)
-        if not fs.isfile(path):
-            raise FileNotFoundError(_weights_missing_message(location))
-    else:
-        _check_hub_weights(location, where, revision)
-
-
 def _read_unet_state(location, revision: str | None) -> dict[str, torch.Tensor]:
     """The state dict in the file, on the CPU (load_state_dict then copies it to the UNet's device and dtype)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
     from safetensors.torch import load_file
 
-    kind, where = _weights_source(location)
+    kind, where = weights_source(location)
     if kind == "hub":
-        kind, where = "local", _hub_weights_file(location, where, revision)
+        kind, where = "local", hub_weights_file(location, where, revision)
     try:
         if kind == "local":
             return load_file(where)
@@ -222,74 +201,12 @@ def _read_unet_state(location, revision: str | None) -> dict[str, torch.Tensor]:
         with fsspec.open(where, "rb") as file:
             return load_bytes(file.read())
     except FileNotFoundError:
-        raise FileNotFoundError(_weights_missing_message(location)) from None
+        raise FileNotFoundError(weights_missing_message(location)) from None
     except SafetensorError as error:
         raise ValueError(
             f"UNet weights {os.fspath(location)!r} are not a readable safetensors file ({error}); "
             "save the UNet's state dict with safetensors.torch.save_file."
         ) from None
-
-
-def _weights_source(location: str | os.PathLike) -> tuple[str, object]:
-    """("fsspec", url), ("local", absolute path) or ("hub", (repo_id, filename))."""
-    text = os.fspath(location)
-    if not text.endswith(".safetensors"):
-        raise ValueError(
-            f"UNet weights {text!r} must be a .safetensors file (a local path, an fsspec URL such as "
-            "s3://bucket/unet.safetensors, or a hub reference <owner>/<repo>/<file>.safetensors)."
-        )
-    if "://" in text:
-        return "fsspec", text
-    path = Path(text).expanduser()
-    parts = text.split("/")
-    looks_like_hub = not text.startswith(("/", ".", "~")) and len(parts) >= 3 and all(parts)
-    if path.exists() or not looks_like_hub:
-        return "local", str(path.resolve())
-    return "hub", ("/".join(parts[:2]), "/".join(parts[2:]))
-
-
-def _hub_weights_file(location, reference: tuple[str, str], revision: str | None) -> str:
-    import huggingface_hub
-
-    repo_id, filename = reference
-    try:
-        return huggingface_hub.hf_hub_download(
-            repo_id, filename, revision=revision, token=os.environ.get("HF_TOKEN") or None
-        )
-    except Exception as error:  # offline and not cached, 401/403 (gated), 404, network: all the same to the caller
-        raise FileNotFoundError(_weights_missing_message(location, error)) from None
-
-
-def _check_hub_weights(location, reference: tuple[str, str], revision: str | None) -> None:
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    repo_id, filename = reference
-    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
-    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
-        return
-    try:
-        found = huggingface_hub.HfApi(token=os.environ.get("HF_TOKEN") or None).file_exists(
-            repo_id, filename, revision=revision
-        )
-    except Exception as error:
-        raise FileNotFoundError(_weights_missing_message(location, error)) from None
-    if not found:
-        raise FileNotFoundError(_weights_missing_message(location))
-
-
-def _weights_missing_message(location, error: Exception | None = None) -> str:
-    message = (
-        f"UNet weights file {os.fspath(location)!r} was not found. Pass an existing .safetensors file: a local "
-        "path, an fsspec URL (s3://bucket/path/unet.safetensors), or a hub reference "
-        "<owner>/<repo>/<path in repo>.safetensors (set HF_TOKEN for a gated repository; unset HF_HUB_OFFLINE "
-        "to allow the download)."
-    )
-    if error is not None:
-        # Only the first line of the cause: hub errors can carry request details.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        message += f"\nCause: {reason}"
-    return message
 
 
 def _check_unet_state(unet: UNet2DConditionModel, state: dict, location) -> None:

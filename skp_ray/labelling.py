@@ -51,7 +51,7 @@ from skp_ray.label_store import LABELS, OUTPUT_SCHEMA, label_files, read_labels
 from skp_ray.lease import OutputLease
 from skp_ray.model_source import DTYPE_NAMES, check_artifact_model
 from skp_ray.progress import ProgressLog
-from skp_ray.ray_cluster import connect, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
+from skp_ray.ray_cluster import connect, imported_in_actor, parse_actors, quiet_cpu_alarm, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, RowFileNames, failure_lines, parquet_location, run_failure, write_summary
 from skp_ray.source_dataset import LISTING_BATCH_ROWS, SourceInput, find_input, image_id
 
@@ -223,6 +223,8 @@ DECODE_CPUS = 0
 # competes: on 2 cores it started while the detector imported torch and put the first rows off by ~1.2 s.
 DECODERS_PER_GPU_DETECTOR = 2
 DECODERS_PER_CPU_DETECTOR = 1
+# The detector actors' class, imported in the actors only: the driver never imports torch and diffusers.
+KEYPOINT_DETECTOR = imported_in_actor("skp_ray.label_detector.KeypointDetector")
 
 
 def _check_settings(config: LabelConfig) -> ray.data.ActorPoolStrategy:
@@ -280,7 +282,7 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
             ),
         )
         .map_batches(
-            DetectorActor,
+            KEYPOINT_DETECTOR,
             fn_constructor_kwargs=detector_options,
             batch_size=config.batch_size,
             compute=compute,
@@ -306,19 +308,6 @@ def _label(config, artifact, found: SourceInput, files, output: str, run_id: str
     print(progress.line(snapshot, total=_to_label(pending)))
     ray.kill(pending)
     return totals, snapshot["working_seconds"]
-
-
-class DetectorActor:
-    """``label_detector.KeypointDetector``, imported where the actor runs: so the driver, which hands Ray Data
-    this class, never imports torch and diffusers (about 5 s of a job's start-up on 2 cores)."""
-
-    def __init__(self, **options):
-        from skp_ray.label_detector import KeypointDetector
-
-        self.detector = KeypointDetector(**options)
-
-    def __call__(self, batch: dict) -> pa.Table:
-        return self.detector(batch)
 
 
 def _to_label(pending, timeout_s: float | None = None) -> int:

@@ -1,5 +1,6 @@
 """Where a Stable Diffusion model comes from (a hub id, a local pipeline folder, an embedded tiny model's
-name) and the check that it can be had, without importing torch or diffusers.
+name), and replacement UNet weights (a file, a URL, a hub reference), and the checks that they can be
+had, without importing torch or diffusers.
 
 Jobs check the model on the driver before Ray starts a worker; importing
 diffusers takes about 5 s of a driver's start-up on 2 cores, so the check reads
@@ -18,6 +19,9 @@ from pathlib import Path
 
 # The weight precisions a job can ask for by name (--dtype); skp_ray.diffusion.DTYPES maps them to torch's.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# SPEC 1.1: DDIM with 50 inference steps gives timesteps 980, 960, ..., 20, 0 (noise levels index them).
+NUM_INFERENCE_STEPS = 50
 
 # The names artifacts record for the embedded tiny models: their folders are per machine, so
 # each process that loads one resolves the name to its own copy.
@@ -203,3 +207,91 @@ def _not_found_message(model: str, local_files_only: bool, error: Exception) -> 
         "(unset HF_HUB_OFFLINE, and set HF_TOKEN in the environment for a gated model).\n"
         f"Cause: {reason}"
     )
+
+
+# --- replacement UNet weights (--unet_weights) -------------------------------------------------
+
+
+def check_unet_weights(location: str | os.PathLike, *, revision: str | None = None) -> None:
+    """Raise FileNotFoundError, as ``load_unet_weights`` would, if the weights file is not there; reads no weights.
+
+    For jobs to call on the driver. A hub reference is looked up in the
+    Hugging Face cache and, unless offline (``HF_HUB_OFFLINE``), asked of the
+    hub; offline and not cached, it is left to the workers, whose caches may hold it.
+    """
+    kind, where = weights_source(location)
+    if kind == "local":
+        if not Path(where).is_file():
+            raise FileNotFoundError(weights_missing_message(location))
+    elif kind == "fsspec":
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(where)
+        if not fs.isfile(path):
+            raise FileNotFoundError(weights_missing_message(location))
+    else:
+        _check_hub_weights(location, where, revision)
+
+
+def weights_source(location: str | os.PathLike) -> tuple[str, object]:
+    """("fsspec", url), ("local", absolute path) or ("hub", (repo_id, filename))."""
+    text = os.fspath(location)
+    if not text.endswith(".safetensors"):
+        raise ValueError(
+            f"UNet weights {text!r} must be a .safetensors file (a local path, an fsspec URL such as "
+            "s3://bucket/unet.safetensors, or a hub reference <owner>/<repo>/<file>.safetensors)."
+        )
+    if "://" in text:
+        return "fsspec", text
+    path = Path(text).expanduser()
+    parts = text.split("/")
+    looks_like_hub = not text.startswith(("/", ".", "~")) and len(parts) >= 3 and all(parts)
+    if path.exists() or not looks_like_hub:
+        return "local", str(path.resolve())
+    return "hub", ("/".join(parts[:2]), "/".join(parts[2:]))
+
+
+def hub_weights_file(location, reference: tuple[str, str], revision: str | None) -> str:
+    """The local path of a hub reference's file, from the Hugging Face cache or downloaded."""
+    import huggingface_hub
+
+    repo_id, filename = reference
+    try:
+        return huggingface_hub.hf_hub_download(
+            repo_id, filename, revision=revision, token=os.environ.get("HF_TOKEN") or None
+        )
+    except Exception as error:  # offline and not cached, 401/403 (gated), 404, network: all the same to the caller
+        raise FileNotFoundError(weights_missing_message(location, error)) from None
+
+
+def _check_hub_weights(location, reference: tuple[str, str], revision: str | None) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    repo_id, filename = reference
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str) or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        found = huggingface_hub.HfApi(token=os.environ.get("HF_TOKEN") or None).file_exists(
+            repo_id, filename, revision=revision
+        )
+    except Exception as error:
+        raise FileNotFoundError(weights_missing_message(location, error)) from None
+    if not found:
+        raise FileNotFoundError(weights_missing_message(location))
+
+
+def weights_missing_message(location, error: Exception | None = None) -> str:
+    """What to do when the weights file at ``location`` cannot be had, with the first line of ``error``."""
+    message = (
+        f"UNet weights file {os.fspath(location)!r} was not found. Pass an existing .safetensors file: a local "
+        "path, an fsspec URL (s3://bucket/path/unet.safetensors), or a hub reference "
+        "<owner>/<repo>/<path in repo>.safetensors (set HF_TOKEN for a gated repository; unset HF_HUB_OFFLINE "
+        "to allow the download)."
+    )
+    if error is not None:
+        # Only the first line of the cause: hub errors can carry request details.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message += f"\nCause: {reason}"
+    return message

@@ -13,12 +13,13 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # pictures of numpy arrays need no torch; the jobs' drivers draw without it
+    import torch
 
 __all__ = [
     "ORDERS",
@@ -407,6 +408,9 @@ def heatmap_overlay(
     (pixel centres aligned), coloured with a viridis-like ramp and blended as
     ``(1 - alpha) * image + alpha * colour``.
     """
+    import torch
+    import torch.nn.functional as F
+
     picture = to_pil(image)
     width, height = picture.size
     heat = torch.as_tensor(_as_numpy(heatmap), dtype=torch.float64)
@@ -578,7 +582,7 @@ def to_pil(image: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
 
 
 def _as_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor (torch itself may not be imported)
         return x.detach().cpu().float().numpy()
     return np.asarray(x)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def keyed_generator(*key: int | str) -> torch.Generator:
@@ -14,4 +18,6 @@ def keyed_generator(*key: int | str) -> torch.Generator:
     """
     words = [int.from_bytes(part.encode(), "little") if isinstance(part, str) else int(part) for part in key]
     seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    import torch  # here, not above: drivers that only build manifests never import torch
+
     return torch.Generator().manual_seed(seed)

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from pair_fixtures import make_spair
-from skp_ray.correspondence.dift_stage import PairError, prompt_for, query_pixels
+from skp_ray.correspondence.dift_stage import prompt_for
 from skp_ray.correspondence.feature_cache import FeatureCache, image_key
 from skp_ray.correspondence.features import dift_features, draw_dift_noise, encode_prompt
 from skp_ray.correspondence.job import CorrespondConfig, CorrespondSummary, run_correspondence
 from skp_ray.correspondence.match_store import read_matches
 from skp_ray.correspondence.matching import match_points
+from skp_ray.correspondence.pair_rows import PairError, query_pixels
 from skp_ray.correspondence.pairs import PairsError, build_pairs, write_pairs
 from skp_ray.correspondence.report import pck_metrics
 from skp_ray.images import content_hash, read_image, to_tensor

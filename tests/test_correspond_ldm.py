@@ -17,10 +17,11 @@ from skp_ray.config import parse_settings
 from skp_ray.correspondence.context_store import ContextStore, context_key
 from skp_ray.correspondence.dift_stage import pair_items
 from skp_ray.correspondence.job import CorrespondConfig, run_correspondence
+from skp_ray.correspondence.ldm_actors import canvas_points, target_pixels
 from skp_ray.correspondence.ldm_contexts import optimize_point_contexts
 from skp_ray.correspondence.ldm_locate import locate_point
-from skp_ray.correspondence.ldm_maps import CANVAS
-from skp_ray.correspondence.ldm_stage import canvas_points, context_settings, missing_contexts, target_pixels
+from skp_ray.correspondence.ldm_settings import CANVAS, context_settings
+from skp_ray.correspondence.ldm_stage import missing_contexts
 from skp_ray.correspondence.match_store import read_matches
 from skp_ray.correspondence.pair_rows import query_pixels
 from skp_ray.correspondence.pairs import build_pairs, pairs_table, write_pairs

@@ -14,13 +14,12 @@ from skp_ray.attention import capture_output, run_unet
 from skp_ray.correspondence import dift_features, draw_dift_noise, encode_prompt
 from skp_ray.diffusion import (
     SD21_UNET,
-    check_unet_weights,
     default_tiny_sd21,
     encode_images,
     load_diffusion,
     load_unet_weights,
 )
-from skp_ray.model_source import DIFT_MODEL, TINY_MODEL, TINY_SD21_MODEL, check_model, model_location
+from skp_ray.model_source import DIFT_MODEL, TINY_MODEL, TINY_SD21_MODEL, check_model, check_unet_weights, model_location
 
 SIZE = 256  # a fast image side for the tests that are not about the 768 px default
 LATENT = SIZE // 8

@@ -15,7 +15,6 @@ from skp_ray.correspondence import ldm_contexts, ldm_locate, ldm_maps
 from skp_ray.correspondence.ldm_contexts import optimize_point_contexts
 from skp_ray.correspondence.ldm_locate import locate_point, reduce_maps
 from skp_ray.correspondence.ldm_maps import (
-    CANVAS,
     canvas_position,
     crop_maps,
     crop_side,
@@ -24,6 +23,7 @@ from skp_ray.correspondence.ldm_maps import (
     image_pixels,
     latent_shape,
 )
+from skp_ray.correspondence.ldm_settings import CANVAS
 from skp_ray.diffusion import timestep_at
 
 SIZE = 128  # the model's input side in these tests

@@ -1,5 +1,6 @@
 """The model check that jobs' drivers run before Ray starts: what it refuses, and what the drivers' modules
-leave to the workers (labelling's import no torch, discovery's no diffusers)."""
+leave to the workers (labelling's, correspondence's, evaluation's and the manifest job's import no torch,
+discovery's no diffusers)."""
 
 import shutil
 import subprocess
@@ -68,15 +69,52 @@ def test_the_labelling_driver_checks_everything_without_torch_or_diffusers(tiny_
     assert finished.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("driver", ["skp_ray.discovery", "skp_ray.evaluation"])
-def test_the_discovery_and_evaluation_drivers_import_no_diffusers(driver):
-    """The drivers' modules leave diffusers and transformers to the workers that load the model (and, for
-    evaluation, to the report drawn at the end): ``--help`` and a refused setting answer in seconds."""
-    script = (
-        "import sys\n"
-        f"import {driver}\n"
-        "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n"
-    )
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers")
+
+
+@pytest.mark.parametrize(
+    "driver, left_to_workers",
+    [
+        ("skp_ray.discovery", ("diffusers", "transformers")),  # Ray Train's TorchTrainer itself needs torch
+        ("skp_ray.evaluation", MODEL_LIBRARIES),  # the report, drawn last, imports them
+        ("skp_ray.correspondence.job", MODEL_LIBRARIES),
+        ("skp_ray.datasets", MODEL_LIBRARIES),  # jobs/manifest.py
+        ("skp_ray.label_pictures", MODEL_LIBRARIES),  # jobs/show.py
+    ],
+)
+def test_the_drivers_modules_leave_the_model_libraries_to_the_workers(driver, left_to_workers):
+    """A job's ``--help`` and its refusal of a bad setting answer in seconds: its driver's modules do not
+    import what only the workers that hold the model need (about 5 s on 2 cores)."""
+    script = f"import sys\nimport {driver}\nprint(sorted(m for m in {left_to_workers!r} if m in sys.modules))\n"
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("method", ["dift", "ldm"])
+def test_the_correspondence_driver_runs_up_to_ray_without_torch(tiny_model_path, tiny21_path, tmp_path, method):
+    """Everything the correspondence job's driver does before Ray starts (settings, the model, the pairs, the
+    feature cache or context store, the lease, the rows already there) runs without the model libraries."""
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), "gray").save(tmp_path / name)
+    (tmp_path / "pairs.csv").write_text(
+        "pair_id,source_uri,target_uri,source_points_xy\n"
+        f'one,{tmp_path / "a.png"},{tmp_path / "b.png"},"[[1, 2]]"\n'
+    )
+    model = tiny21_path if method == "dift" else tiny_model_path
+    script = (
+        "import sys\n"
+        "import skp_ray.correspondence.job as job\n"
+        "def reached():\n"
+        f"    print(sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))\n"
+        "    raise SystemExit(0)\n"
+        "job.connect = reached\n"
+        f"job.run_correspondence(job.CorrespondConfig(pairs={str(tmp_path / 'pairs.csv')!r}, "
+        f"output={str(tmp_path / 'out')!r}, model={model!r}, method={method!r}))\n"
+        "print('Ray was never reached')\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip().splitlines()[-1] == "[]"

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from skp_ray.correspondence.feature_cache import TensorStore
+
+if TYPE_CHECKING:
+    import torch
 
 
 def context_key(uri: str, x: int, y: int) -> str:
@@ -45,7 +47,7 @@ class ContextStore(TensorStore):
     def save(self, key: str, contexts: torch.Tensor, *, uri: str, point_xy, height: int, width: int, content_hash: str):
         x, y = (int(v) for v in point_xy)
         metadata = {"uri": uri, "x": str(x), "y": str(y), "height": str(height), "width": str(width), "content_hash": content_hash}
-        self._write(key, {"contexts": contexts.to(torch.float32)}, metadata)
+        self._write(key, {"contexts": contexts.float()}, metadata)
 
     def load(self, key: str) -> StoredContexts:
         """The stored contexts; FileNotFoundError naming the file when they are not there."""

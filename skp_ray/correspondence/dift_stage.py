@@ -3,9 +3,11 @@
 Pairs meet only in matching: each image of a run is extracted once, by
 ``DiftExtractor`` actors that write its feature map into the ``FeatureCache``,
 however many pairs use it; ``PairMatcher`` actors then read a pair's two maps
-from the cache and match its points. Each image's noise is drawn from a
-generator keyed by (seed, the hash of its decoded pixels), so its features
-depend neither on batching, actor count and reruns, nor on its name.
+from the cache and match its points (both in ``dift_actors``, which only the
+actors import: the driver needs neither torch nor diffusers). Each image's
+noise is drawn from a generator keyed by (seed, the hash of its decoded
+pixels), so its features depend neither on batching, actor count and reruns,
+nor on its name.
 
 Rows travel through Ray Data as plain columns only: points and boxes as
 JSON text, no crop "has_crop False", so no column is ever pickled.
@@ -15,38 +17,21 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-import torch
 
 from skp_ray.correspondence.feature_cache import FeatureCache, image_key
-from skp_ray.correspondence.features import dift_features, draw_dift_noise, encode_prompt
-from skp_ray.correspondence.matching import match_points
-from skp_ray.correspondence.pair_rows import PairError, PairRows, check_failed, check_size, query_pixels, write_pair_rows
-from skp_ray.diffusion import DTYPES, Diffusion, load_diffusion, load_unet_weights
+from skp_ray.correspondence.pair_rows import write_pair_rows
 from skp_ray.images import ImageSource, absolute_uri, decode_batch, source_item
-from skp_ray.model_source import model_location
 from skp_ray.progress import ProgressCounter, ProgressLog
-from skp_ray.randomness import keyed_generator
-from skp_ray.ray_cluster import quiet_cpu_alarm
+from skp_ray.ray_cluster import imported_in_actor, quiet_cpu_alarm
 
-__all__ = [
-    "DiftExtractor",
-    "PairError",  # PairError and query_pixels live in pair_rows, shared with the LDM stage
-    "PairMatcher",
-    "extract_features",
-    "feature_settings",
-    "load_model",
-    "match_pairs",
-    "pair_items",
-    "pool_options",
-    "prompt_for",
-    "query_pixels",
-]
+__all__ = ["extract_features", "feature_settings", "match_pairs", "pair_items", "pool_options", "prompt_for"]
+
+DIFT_EXTRACTOR = imported_in_actor("skp_ray.correspondence.dift_actors.DiftExtractor")
+PAIR_MATCHER = imported_in_actor("skp_ray.correspondence.dift_actors.PairMatcher")
 
 # Everything that changes a feature map; the cache keeps one folder per distinct set.
 _FEATURE_SETTINGS = ("method", "model", "revision", "unet_weights", "timestep", "up_block", "ensemble_size", "image_size", "no_noise", "seed", "dtype")
@@ -114,7 +99,7 @@ def extract_features(config, cache: FeatureCache, images: list[dict], compute) -
             num_cpus=0.5,
         )
         .map_batches(
-            DiftExtractor,
+            DIFT_EXTRACTOR,
             fn_constructor_kwargs={"config": config, "cache": cache, "counter": counter},
             batch_size=config.batch_size,
             **pool_options(config, compute),
@@ -128,88 +113,6 @@ def extract_features(config, cache: FeatureCache, images: list[dict], compute) -
     return {row["image_key"]: {"cause": row["error_cause"], "error": row["error"]} for row in rows if row["error_cause"]}
 
 
-def load_model(config, device: str, *, text_encoder: bool = True) -> Diffusion:
-    """The job's model on ``device``, with --unet_weights in place of its UNet's weights when given."""
-    diffusion = load_diffusion(
-        model_location(config.model), dtype=DTYPES[config.dtype], device=device, revision=config.revision, text_encoder=text_encoder
-    )
-    if config.unet_weights:
-        load_unet_weights(diffusion, config.unet_weights)
-    return diffusion
-
-
-class DiftExtractor:
-    """A Ray Data actor: holds the model; turns batches of decoded images into cached feature maps."""
-
-    def __init__(self, config, cache: FeatureCache, counter):
-        self.device = "cuda" if config.use_gpu else "cpu"
-        self.diffusion = load_model(config, self.device)
-        self.config, self.cache, self.counter = config, cache, counter
-        self.prompts: dict[str, torch.Tensor] = {}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.time()
-        causes, errors = list(batch["error_cause"]), list(batch["error"])
-        ready = [i for i, cause in enumerate(causes) if not cause]
-        for prompt in dict.fromkeys(batch["prompt"][i] for i in ready):
-            same_prompt = [i for i in ready if batch["prompt"][i] == prompt]
-            try:
-                self._extract(batch, same_prompt, prompt)
-            except Exception as error:  # the model failed on these images: error rows, not a dead run
-                for i in same_prompt:
-                    causes[i], errors[i] = "extraction_failed", f"{type(error).__name__}: {error}"
-        failed = sum(bool(cause) for cause in causes)
-        self.counter.add.remote(len(causes), failed, started, time.time())
-        return {"image_key": batch["image_key"], "error_cause": np.array(causes, dtype=object), "error": np.array(errors, dtype=object)}
-
-    def _extract(self, batch, rows: list[int], prompt: str) -> None:
-        config = self.config
-        images = torch.from_numpy(np.stack([batch["pixels"][i] for i in rows])).to(self.device)
-        latent_noise, noise = self._noise([batch["content_hash"][i] for i in rows])
-        features = dift_features(
-            self.diffusion,
-            images,
-            prompt_embeds=self._prompt(prompt),
-            timestep=config.timestep,
-            up_block=config.up_block,
-            ensemble_size=config.ensemble_size,
-            image_size=config.image_size,
-            latent_noise=latent_noise,
-            noise=noise,
-            max_batch=config.max_batch,
-        )
-        for feature, i in zip(features, rows):
-            self.cache.save(
-                batch["image_key"][i],
-                feature,
-                uri=batch["uri"][i],
-                prompt=prompt,
-                height=int(batch["height"][i]),
-                width=int(batch["width"][i]),
-                content_hash=batch["content_hash"][i],
-            )
-
-    def _noise(self, content_hashes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's (latent_noise, noise), keyed by the seed and its content; zeros with --no_noise."""
-        config, draws = self.config, []
-        for digest in content_hashes:
-            generator = keyed_generator(config.seed, "dift", digest)
-            draws.append(
-                draw_dift_noise(
-                    self.diffusion, 1, ensemble_size=config.ensemble_size, image_size=config.image_size, generator=generator
-                )
-            )
-        latent_noise, noise = (torch.cat(parts) for parts in zip(*draws))
-        if config.no_noise:
-            latent_noise, noise = torch.zeros_like(latent_noise), torch.zeros_like(noise)
-        return latent_noise, noise
-
-    def _prompt(self, prompt: str) -> torch.Tensor:
-        if prompt not in self.prompts:
-            self.prompts[prompt] = encode_prompt(self.diffusion, prompt)
-        return self.prompts[prompt]
-
-
 def match_pairs(config, cache: FeatureCache, items: list[dict], failures: dict, output: str, run_id: str, compute) -> None:
     """Match every pair of ``items`` from the cached features and write one row per pair to ``output``."""
     for item in items:
@@ -218,43 +121,9 @@ def match_pairs(config, cache: FeatureCache, items: list[dict], failures: dict, 
             item[f"{side}_cause"], item[f"{side}_error"] = failed["cause"], failed["error"]
     counter = ProgressCounter.remote()
     dataset = ray.data.from_items(items, override_num_blocks=-(-len(items) // config.pairs_batch_size)).map_batches(
-        PairMatcher,
+        PAIR_MATCHER,
         fn_constructor_kwargs={"config": config, "cache": cache, "counter": counter, "run_id": run_id},
         batch_size=config.pairs_batch_size,
         **pool_options(config, compute),
     )
     write_pair_rows(config, dataset, counter, len(items), output, run_id)
-
-
-class PairMatcher(PairRows):
-    """A Ray Data actor: matches batches of pairs from their cached feature maps into output rows."""
-
-    def __init__(self, config, cache: FeatureCache, counter, run_id: str):
-        super().__init__(config, cache.hash, counter, run_id)
-        self.device = "cuda" if config.use_gpu else "cpu"
-        self.cache = cache
-
-    def _match(self, item: dict) -> dict:
-        for side in ("source", "target"):
-            check_failed(side, item[f"{side}_cause"], item[f"{side}_error"])
-        source, target = self.cache.load(item["source_key"]), self.cache.load(item["target_key"])
-        sizes = json.loads(item["sizes_json"])
-        for side, cached, expected in (("source", source, sizes[:2]), ("target", target, sizes[2:])):
-            check_size(side, cached.uri, (cached.height, cached.width), expected)
-        points = query_pixels(json.loads(item["source_points_json"]), source.height, source.width)
-        predicted, scores = match_points(
-            source.features.to(self.device),
-            target.features.to(self.device),
-            points,
-            source_size=(source.height, source.width),
-            target_size=(target.height, target.width),
-        )
-        return {
-            "source_points_xy": points.tolist(),
-            "predicted_xy": predicted.cpu().tolist(),
-            "scores": scores.cpu().tolist(),
-            "source_width": source.width,
-            "source_height": source.height,
-            "target_width": target.width,
-            "target_height": target.height,
-        }

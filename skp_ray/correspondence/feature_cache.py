@@ -23,14 +23,18 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import fsspec
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from skp_ray.images import is_local_filesystem
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# The precisions features can be stored in. The stores import torch only to read and write tensors, in the
+# actors: the driver lists, checks and names them without it.
+STORAGE_DTYPES = ("float32", "float16")
 SETTINGS_FILE = "settings.json"
 SUFFIX = ".safetensors"
 
@@ -88,6 +92,8 @@ class TensorStore:
             raise self._not_found(key) from None
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        from safetensors.torch import save as save_safetensors
+
         data = save_safetensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, metadata=metadata)
         target = self.path(key)
         if is_local_filesystem(self.fs):
@@ -99,6 +105,8 @@ class TensorStore:
 
     def _read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The file's tensors and metadata; FileNotFoundError naming the file when it is not there."""
+        from safetensors.torch import load as load_safetensors
+
         try:
             data = self.fs.cat_file(self.path(key))
         except FileNotFoundError:
@@ -129,11 +137,13 @@ class FeatureCache(TensorStore):
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"feature storage dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
         super().__init__(root, dict(settings, storage_dtype=storage_dtype))
-        self.storage_dtype = STORAGE_DTYPES[storage_dtype]
+        self.storage_dtype = storage_dtype
 
     def save(self, key: str, features: torch.Tensor, *, uri: str, prompt: str, height: int, width: int, content_hash: str):
+        import torch
+
         metadata = {"uri": uri, "prompt": prompt, "height": str(height), "width": str(width), "content_hash": content_hash}
-        self._write(key, {"features": features.to(dtype=self.storage_dtype)}, metadata)
+        self._write(key, {"features": features.to(dtype=getattr(torch, self.storage_dtype))}, metadata)
 
     def load(self, key: str) -> CachedFeatures:
         """The stored features; FileNotFoundError naming the file when they are not there."""

@@ -45,22 +45,14 @@ from skp_ray.config import checked, option
 from skp_ray.correspondence.context_store import ContextStore
 from skp_ray.correspondence.dift_stage import extract_features, feature_settings, match_pairs, pair_items
 from skp_ray.correspondence.feature_cache import STORAGE_DTYPES, FeatureCache, settings_hash
-from skp_ray.correspondence.ldm_maps import LDM_MODEL, LDM_TOKEN
-from skp_ray.correspondence.ldm_stage import (
-    context_settings,
-    locate_pairs,
-    locate_settings,
-    mean_loss_curve,
-    missing_contexts,
-    optimise_contexts,
-)
+from skp_ray.correspondence.ldm_settings import LDM_MODEL, LDM_TOKEN, context_settings, locate_settings
+from skp_ray.correspondence.ldm_stage import locate_pairs, mean_loss_curve, missing_contexts, optimise_contexts
 from skp_ray.correspondence.match_store import MATCHES
 from skp_ray.correspondence.pairs import build_pairs, read_pairs
 from skp_ray.correspondence.report import PCK_REFERENCES, write_report
-from skp_ray.diffusion import DTYPES, NUM_INFERENCE_STEPS, check_unet_weights
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS, absolute_uri
 from skp_ray.lease import OutputLease
-from skp_ray.model_source import DIFT_MODEL, check_model, model_location
+from skp_ray.model_source import DIFT_MODEL, DTYPE_NAMES, NUM_INFERENCE_STEPS, check_model, check_unet_weights, model_location
 from skp_ray.ray_cluster import connect, parse_actors, use_gpus, wait_for_gpus
 from skp_ray.row_store import SUMMARY_FAILURES, done_ids, failure_lines, row_files, run_failure, write_summary
 
@@ -292,8 +284,8 @@ def _check_settings(config: CorrespondConfig):
     problems = []
     if config.method not in METHODS:
         problems.append(f"--method {config.method!r} is not one of {list(METHODS)}")
-    if config.dtype not in DTYPES:
-        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}")
+    if config.dtype not in DTYPE_NAMES:
+        problems.append(f"--dtype {config.dtype!r} is not one of {sorted(DTYPE_NAMES)}")
     if config.feature_dtype not in STORAGE_DTYPES:
         problems.append(f"--feature_dtype {config.feature_dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
     if config.pck_reference not in PCK_REFERENCES:

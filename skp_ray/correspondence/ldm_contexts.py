@@ -26,13 +26,6 @@ import torch
 
 from skp_ray.attention import check_images
 from skp_ray.correspondence.ldm_maps import (
-    CANVAS,
-    LDM_CROP_FRACTION,
-    LDM_CROP_MARGIN,
-    LDM_LAYERS,
-    LDM_SIGMA,
-    LDM_TOKEN,
-    OPTIMISE_NOISE_LEVEL,
     canvas_position,
     check_crop_starts,
     check_points,
@@ -45,6 +38,15 @@ from skp_ray.correspondence.ldm_maps import (
     gaussian_targets,
     latent_shape,
     point_generators,
+)
+from skp_ray.correspondence.ldm_settings import (
+    CANVAS,
+    LDM_CROP_FRACTION,
+    LDM_CROP_MARGIN,
+    LDM_LAYERS,
+    LDM_SIGMA,
+    LDM_TOKEN,
+    OPTIMISE_NOISE_LEVEL,
 )
 from skp_ray.diffusion import Diffusion, timestep_at
 from skp_ray.images import resize_batch

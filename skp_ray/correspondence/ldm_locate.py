@@ -29,13 +29,6 @@ import torch
 
 from skp_ray.attention import check_images
 from skp_ray.correspondence.ldm_maps import (
-    CANVAS,
-    LDM_CROP_FRACTION,
-    LDM_CROP_MARGIN,
-    LDM_LAYERS,
-    LDM_TOKEN,
-    OPTIMISE_NOISE_LEVEL,
-    PUBLISHED_INFERENCE_NOISE_LEVEL,
     check_crop_starts,
     check_replay,
     corner_starts,
@@ -47,6 +40,15 @@ from skp_ray.correspondence.ldm_maps import (
     image_pixels,
     latent_shape,
     point_generators,
+)
+from skp_ray.correspondence.ldm_settings import (
+    CANVAS,
+    LDM_CROP_FRACTION,
+    LDM_CROP_MARGIN,
+    LDM_LAYERS,
+    LDM_TOKEN,
+    OPTIMISE_NOISE_LEVEL,
+    PUBLISHED_INFERENCE_NOISE_LEVEL,
 )
 from skp_ray.diffusion import Diffusion, timestep_at
 from skp_ray.images import resize_batch

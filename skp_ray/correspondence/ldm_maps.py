@@ -25,18 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from skp_ray.attention import capture_attention, grid_side, run_unet, selected_layers
+from skp_ray.correspondence.ldm_settings import CANVAS
 from skp_ray.diffusion import Diffusion, add_noise, encode_images
 from skp_ray.images import resize_batch
-
-LDM_MODEL = "CompVis/stable-diffusion-v1-4"  # SPEC 3's model
-CANVAS = 512
-LDM_LAYERS = (0, 1, 2, 3)  # SD 1.x: the three 16 x 16 up-block layers and the first 32 x 32 one
-LDM_TOKEN = 1
-OPTIMISE_NOISE_LEVEL = 42  # index into the 50 DDIM timesteps: t = 140
-PUBLISHED_INFERENCE_NOISE_LEVEL = 47  # t = 40, which the published inference used whatever it was told
-LDM_CROP_FRACTION = 0.9317
-LDM_CROP_MARGIN = 0.15
-LDM_SIGMA = 27.98
 
 
 def crop_side(crop_fraction: float) -> int:

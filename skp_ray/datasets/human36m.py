@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import scipy.io
-import torch
 
 from skp_ray.datasets.manifest import DatasetError, image_size, manifest_table, require_file
 from skp_ray.randomness import keyed_generator
@@ -72,6 +71,8 @@ def build_h36m_unaligned(root: str, *, seed: int = 0, workdir: str | None = None
 
 def _unaligned_row(uri: str, key: str, split: str, points: np.ndarray, seed: int) -> dict:
     """The manifest row of one full frame: a jittered square crop around the pixel (x, y) ``points``."""
+    import torch  # here, not above: the other adapters, and drivers that only name them, need no torch
+
     width, height = image_size(uri)
     generator = keyed_generator(seed, "h36m_unaligned", key)
     jitter = torch.randint(-MAX_JITTER, MAX_JITTER, (2,), generator=generator).tolist()
