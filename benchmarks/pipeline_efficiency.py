@@ -85,7 +85,8 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--tta_latent", action="store_true", help="the job's --tta_latent")
     parser.add_argument("--clusters", nargs="+", default=["own", "running"], choices=["own", "running"],
                         help="own: the job starts its local Ray; running: it joins one already up")
-    parser.add_argument("--workdir", help="where the images, artifact and outputs go; default: a temporary folder")
+    parser.add_argument("--workdir", help="the folder (made if missing) that holds the run's temporary folder of "
+                        "images, artifact and outputs, removed at the end; default: the system's temporary folder")
     args = parser.parse_args(argv)
     check_common(parser, args)
     args.tokens = args.tokens or num_tokens(args.model)
@@ -249,6 +250,8 @@ def direct_run(detector: KeypointDetector, batches: list[dict], device: str) -> 
 def run(args: argparse.Namespace) -> dict:
     load_before = load_line()
     threads = max(1, int(args.cpus_per_actor))
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         workdir = Path(scratch)
         model = model_folder(args, workdir)
