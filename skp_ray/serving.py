@@ -1,6 +1,7 @@
 """Online keypoints: a Ray Serve application answering one image at a time, batched across clients.
 
-Each replica loads the model and the artifact once and answers through FastAPI:
+Each replica loads the model and the artifact once (``skp_ray.serving_detector``, which only the replicas
+import: the driver needs neither torch nor diffusers) and answers through FastAPI:
 
 - ``POST /v1/keypoints`` (the image as the raw body or the multipart field
   ``image``; optional ``augmentation_iterations``, ``seed``, ``format=json|png``
@@ -36,20 +37,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from skp_ray.artifact import load_artifact
+from skp_ray.artifact import check_artifact
 from skp_ray.config import checked, option, typed_settings
-from skp_ray.detection import detect_with_confidence, draw_augmentations
-from skp_ray.diffusion import DTYPES
 from skp_ray.images import ALPHA_MODES, DEFAULT_MAX_PIXELS
-from skp_ray.label_detector import detection_generator, detection_options, load_artifact_model
-from skp_ray.model_source import check_artifact_model
+from skp_ray.model_source import DTYPE_NAMES, check_artifact_model
 from skp_ray.plotting import draw_keypoints
 from skp_ray.ray_cluster import connect, parse_pool_sizes
 from skp_ray.serving_requests import (
@@ -117,14 +114,13 @@ def check_settings(config: ServeConfig) -> ServicePlan:
         raise ValueError("invalid serving settings: " + "; ".join(problems))
     low, high = parse_pool_sizes(config.replicas, "--replicas")
     digest = _read_token(config)
-    artifact = load_artifact(config.artifact)
-    check_artifact_model(artifact, config.model)
+    check_artifact_model(check_artifact(config.artifact), config.model)
     return ServicePlan(low, high, token_digest(digest) if digest else None)
 
 
 def _setting_problems(config: ServeConfig) -> list[str]:
     checks = [
-        (config.dtype in DTYPES, f"--dtype {config.dtype!r} is not one of {sorted(DTYPES)}"),
+        (config.dtype in DTYPE_NAMES, f"--dtype {config.dtype!r} is not one of {sorted(DTYPE_NAMES)}"),
         (config.alpha in ALPHA_MODES, f"--alpha {config.alpha!r} is not one of {list(ALPHA_MODES)}"),
         (config.max_batch_size >= 1, f"--max_batch_size must be at least 1 (got {config.max_batch_size})"),
         (config.batch_wait_timeout_s >= 0, f"--batch_wait_timeout_s must be >= 0 (got {config.batch_wait_timeout_s})"),
@@ -190,15 +186,6 @@ class _Job:
     parameters: Parameters
 
 
-@dataclass(frozen=True)
-class _Detection:
-    keypoints_yx: np.ndarray  # float32 [K, 2], (y, x) in [0, 1] of the image
-    peaks: np.ndarray  # float32 [K]
-    spread_px: np.ndarray  # float32 [K], in the image's pixels (see skp_ray.detection.Detection)
-    peak_share: np.ndarray  # float32 [K]
-    batch_size: int  # requests detected in the same batch, this one included
-
-
 def keypoint_positions(keypoints_yx: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) [K, 2] in [0, 1] of the image, and in its pixels (pixel i spans [i, i + 1), its centre at
     i + 0.5): labelling's row conventions, computed as labelling does (float32) for a frame that is the
@@ -225,16 +212,11 @@ class KeypointService:
     """One replica: the model and the artifact, loaded once, and the endpoints."""
 
     def __init__(self, config: ServeConfig, token_digest: str | None):
-        artifact = load_artifact(config.artifact)
-        self.device = "cuda" if config.use_gpu else "cpu"
-        # a channels-last VAE on the CPU, as labelling's CPU actors have, so answers equal their rows
-        self.diffusion = load_artifact_model(
-            artifact, model=config.model, dtype=config.dtype, device=self.device, channels_last_vae=not config.use_gpu
-        )
-        self.context = artifact.context.to(self.device)
-        self.artifact, self.model = artifact, config.model or artifact.model
-        self.options = detection_options(artifact.settings)
-        self.limits = _limits(config, artifact.image_size)
+        from skp_ray.serving_detector import ServiceDetector  # torch and diffusers: here, never on the driver
+
+        self.detector = ServiceDetector(config)
+        self.artifact, self.model = self.detector.artifact, config.model or self.detector.artifact.model
+        self.limits = _limits(config, self.artifact.image_size)
         self.token_digest, self.max_batch_size = token_digest, config.max_batch_size
         self.batch_sizes: Counter[int] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -313,46 +295,13 @@ class KeypointService:
             raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set per replica in __init__
-    async def _detect_batch(self, jobs: list[_Job]) -> list[_Detection]:
+    async def _detect_batch(self, jobs: list[_Job]) -> list:
         self.batch_sizes[len(jobs)] += 1
-        return await asyncio.to_thread(self._detect, jobs)  # the event loop keeps reading requests meanwhile
+        return await asyncio.to_thread(self.detector.detect, jobs)  # the event loop keeps reading requests meanwhile
 
-    def _detect(self, jobs: list[_Job]) -> list[_Detection]:
-        """One detection call per augmentation count, each image with its own draws."""
-        detections: list[_Detection | None] = [None] * len(jobs)
-        groups: dict[int, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(job.parameters.augmentation_iterations, []).append(index)
-        for count, members in groups.items():
-            draws = [self._draws(jobs[i], count) for i in members]
-            detection = detect_with_confidence(
-                self.diffusion,
-                torch.stack([jobs[i].image.pixels for i in members]).to(self.device),
-                self.context,
-                self.artifact.token_indices,
-                thetas=torch.stack([thetas for thetas, _ in draws]),
-                noise=torch.stack([noise for _, noise in draws]),
-                **self.options,
-            )
-            heights = torch.tensor([float(jobs[i].image.height) for i in members])
-            widths = torch.tensor([float(jobs[i].image.width) for i in members])
-            spreads = detection.spread_px(heights, widths)
-            for row, index in enumerate(members):
-                detections[index] = _Detection(
-                    detection.keypoints[row].numpy(),
-                    detection.peaks[row].numpy(),
-                    spreads[row].numpy(),
-                    detection.peak_share[row].numpy(),
-                    len(jobs),
-                )
-        return detections
-
-    def _draws(self, job: _Job, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = detection_generator(job.parameters.seed, job.image.content_hash)
-        return draw_augmentations(self.diffusion, generator, augmentation_iterations=count, **self.options)
-
-    def _record(self, image: DecodedImage, parameters: Parameters, detection: _Detection) -> dict:
-        """The JSON answer, in the labelling rows' conventions (see ``keypoint_positions``)."""
+    def _record(self, image: DecodedImage, parameters: Parameters, detection) -> dict:
+        """The JSON answer to ``detection`` (a ``serving_detector.Detection``), in the labelling rows'
+        conventions (see ``keypoint_positions``)."""
         normalized, pixels = keypoint_positions(detection.keypoints_yx, image.width, image.height)
         return {
             "keypoints_xy": pixels.tolist(),
@@ -372,7 +321,7 @@ class KeypointService:
             "batch_size": detection.batch_size,
         }
 
-    def _picture(self, image: DecodedImage, detection: _Detection) -> Response:
+    def _picture(self, image: DecodedImage, detection) -> Response:
         normalized, _ = keypoint_positions(detection.keypoints_yx, image.width, image.height)
         buffer = io.BytesIO()
         draw_keypoints(Image.fromarray(image.rgb), normalized, order="xy_normalized").save(buffer, format="PNG")

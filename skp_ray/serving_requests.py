@@ -29,19 +29,10 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from skp_ray.images import (
-    ImageReadError,
-    content_hash,
-    decode_image,
-    pixels_from_uint8,
-    pixels_to_uint8,
-    resize_batch,
-    to_tensor,
-)
+from skp_ray.images import ImageReadError, content_hash, decode_image, pixels_to_uint8, resize_batch, to_tensor
 
 # The multipart field that carries the image.
 IMAGE_FIELD = "image"
@@ -85,7 +76,7 @@ class DecodedImage:
     """An upload as detection and the response need it."""
 
     rgb: np.ndarray  # uint8 [H, W, 3], EXIF orientation applied
-    pixels: torch.Tensor  # float [3, S, S] in [0, 1], resized to the model's side as labelling does
+    pixels: np.ndarray  # uint8 [3, S, S], resized to the model's side and rounded as labelling's transport does
     content_hash: str  # of the decoded pixels: keys the augmentations, as in labelling
 
     @property
@@ -233,5 +224,5 @@ def decode_upload(data: bytes, name: str, limits: Limits) -> DecodedImage:
         advice = _UPLOAD_ADVICE.get(error.cause, "convert it to an RGB JPEG or PNG with another tool first")
         message = f"{name} cannot be decoded ({error.cause}{': ' + error.detail if error.detail else ''}); {advice}"
         raise RequestRefused(413 if error.cause == "too_large" else 400, error.cause, message) from None
-    pixels = pixels_from_uint8(pixels_to_uint8(resize_batch(to_tensor(rgb)[None], limits.image_size)[0]))
+    pixels = pixels_to_uint8(resize_batch(to_tensor(rgb)[None], limits.image_size)[0])
     return DecodedImage(rgb, pixels, content_hash(rgb))

@@ -1,6 +1,6 @@
 """The model check that jobs' drivers run before Ray starts: what it refuses, and what the drivers' modules
-leave to the workers (labelling's, correspondence's, evaluation's and the manifest job's import no torch,
-discovery's no diffusers)."""
+leave to the workers (labelling's, correspondence's, evaluation's, serving's and the manifest and show jobs'
+import no torch, discovery's no diffusers)."""
 
 import shutil
 import subprocess
@@ -80,6 +80,7 @@ MODEL_LIBRARIES = ("torch", "diffusers", "transformers")
         ("skp_ray.correspondence.job", MODEL_LIBRARIES),
         ("skp_ray.datasets", MODEL_LIBRARIES),  # jobs/manifest.py
         ("skp_ray.label_pictures", MODEL_LIBRARIES),  # jobs/show.py
+        ("skp_ray.serving", MODEL_LIBRARIES),  # the replicas import them (skp_ray.serving_detector)
     ],
 )
 def test_the_drivers_modules_leave_the_model_libraries_to_the_workers(driver, left_to_workers):
