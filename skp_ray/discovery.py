@@ -171,7 +171,7 @@ def run_discovery(
     _check_readable(config, sources)
     check_model(model_location(config.model), revision=config.revision)
 
-    connect()
+    connect(dashboard=True)  # Ray Train's placement-group cleaner queries the dashboard's state API
     config = dataclasses.replace(config, use_gpu=use_gpus(config.use_gpu))
     if config.use_gpu:
         wait_for_gpus(config.num_workers, timeout_s=config.gpu_wait_s, what=f"{config.num_workers} discovery worker(s)")

@@ -19,15 +19,17 @@ GPU_REPORT_SECONDS = 30.0
 DASHBOARD_ENV = "SKP_RAY_DASHBOARD"
 
 
-def connect() -> None:
+def connect(*, dashboard: bool = False) -> None:
     """Join the cluster that ``RAY_ADDRESS`` names (set under ``ray job submit``), or start a local Ray.
 
-    A local Ray starts without its dashboard unless ``SKP_RAY_DASHBOARD=1``: on a small machine the
-    dashboard's processes take the cores the job's first actors need (about 1 s of a 2-core start-up).
+    A local Ray starts without its dashboard unless ``dashboard`` or ``SKP_RAY_DASHBOARD=1``: on a small
+    machine the dashboard's processes take the cores the job's first actors need (about 1 s of a 2-core
+    start-up). Ray Train needs it (``dashboard=True``): its placement-group cleaner asks the dashboard's
+    state API whether the run's controller is alive, and without it warns every few seconds.
     """
     if ray.is_initialized():
         return
-    context = ray.init(include_dashboard=dashboard_wanted(os.environ))
+    context = ray.init(include_dashboard=dashboard or dashboard_wanted(os.environ))
     if not context.dashboard_url:
         print(
             f"[ray] this Ray has no dashboard (a job's own Ray starts without one, for a faster start); "

@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pandas as pd
@@ -185,8 +186,41 @@ def test_jobs_use_the_gpus_the_cluster_has_unless_told(ray_session):
     assert use_gpus(True) is True and use_gpus(False) is False
 
 
-def test_a_jobs_own_ray_has_a_dashboard_only_when_asked():
-    from skp_ray.ray_cluster import dashboard_wanted
+def test_a_jobs_own_ray_has_a_dashboard_only_when_asked(monkeypatch):
+    import ray
 
-    assert not dashboard_wanted({}) and not dashboard_wanted({"SKP_RAY_DASHBOARD": "0"})
-    assert dashboard_wanted({"SKP_RAY_DASHBOARD": "1"}) and dashboard_wanted({"SKP_RAY_DASHBOARD": " True "})
+    from skp_ray import ray_cluster
+
+    assert not ray_cluster.dashboard_wanted({}) and not ray_cluster.dashboard_wanted({"SKP_RAY_DASHBOARD": "0"})
+    assert ray_cluster.dashboard_wanted({"SKP_RAY_DASHBOARD": "1"})
+    assert ray_cluster.dashboard_wanted({"SKP_RAY_DASHBOARD": " True "})
+
+    asked = []
+
+    def init(**options):
+        asked.append(options)
+        return SimpleNamespace(dashboard_url="127.0.0.1:8265" if options["include_dashboard"] else None)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("SKP_RAY_DASHBOARD", raising=False)
+    ray_cluster.connect()
+    ray_cluster.connect(dashboard=True)
+    assert [options["include_dashboard"] for options in asked] == [False, True]
+
+
+def test_discovery_starts_its_own_ray_with_the_dashboard_ray_train_needs(tmp_path, monkeypatch):
+    """Ray Train's placement-group cleaner asks the dashboard's state API about its controller: without a
+    dashboard it warns every few seconds of the run."""
+    from skp_ray import discovery
+
+    class Reached(Exception):
+        pass
+
+    def connect(**options):
+        raise Reached(options)
+
+    monkeypatch.setattr(discovery, "connect", connect)
+    with pytest.raises(Reached) as reached:
+        discovery.run_discovery(discovery.DiscoveryConfig(output=str(tmp_path), num_steps=1))
+    assert reached.value.args[0] == {"dashboard": True}
