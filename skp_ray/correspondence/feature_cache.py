@@ -22,7 +22,6 @@ import json
 import posixpath
 import uuid
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import fsspec

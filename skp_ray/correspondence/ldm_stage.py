@@ -36,8 +36,8 @@ from skp_ray.ray_cluster import imported_in_actor, quiet_cpu_alarm
 CONTEXT_OPTIMIZER = imported_in_actor("skp_ray.correspondence.ldm_actors.ContextOptimizer")
 POINT_LOCATOR = imported_in_actor("skp_ray.correspondence.ldm_actors.PointLocator")
 # What a ContextOptimizer answers per source image: these counts, its losses and its error.
-CONTEXT_RESULTS = ("height", "width", "optimised", "reused", "losses_json", "error_cause", "error")
 CONTEXT_COUNTS = ("height", "width", "optimised", "reused")
+CONTEXT_RESULTS = (*CONTEXT_COUNTS, "losses_json", "error_cause", "error")
 
 # ---------------------------------------------------------------- contexts
 
